@@ -1,0 +1,5 @@
+"""`python -m losskit ...` (also what `torchrun -m losskit train ...` runs)."""
+
+from losskit.cli import main
+
+raise SystemExit(main())
