@@ -67,7 +67,11 @@ def imported_modules(path: pathlib.Path) -> list[str]:
             found.append(mod)
             # `from losskit import kernels` imports the layer named by the alias.
             if mod == "losskit":
-                found += [f"losskit.{a.name}" for a in node.names]
+                found += [
+                    f"losskit.{a.name}"
+                    for a in node.names
+                    if (SRC / a.name).is_dir() or (SRC / f"{a.name}.py").is_file()
+                ]
     return found
 
 
