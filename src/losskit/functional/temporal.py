@@ -332,7 +332,8 @@ def unit_count(shape: Sequence[int]) -> int:
 
 
 def energy_term(activation: torch.Tensor, p: float = 1.0, unit_norm: str = "n_units") -> torch.Tensor:
-    """Per-sample energy of one hook call: ``e[b] = ||a[b]||_p / d(n)`` in float32, shape ``(B,)``.
+    """Per-sample energy of one hook call: ``e[b] = ||a[b]||_p / d(n)`` in float32 (float64 for float64
+    activations), shape ``(B,)``.
 
     ``n = prod(a.shape[1:])``; ``d(n) = n`` for ``unit_norm="n_units"`` (the seed's documented
     ``||activation||_p / n_units``) and ``d(n) = n ** (1/p)`` for ``"root"`` (the reference code's divisor). The
@@ -350,12 +351,14 @@ def energy_term(activation: torch.Tensor, p: float = 1.0, unit_norm: str = "n_un
         raise ValueError(f"activation must have a batch dimension, got shape {tuple(activation.shape)}")
     n_units = unit_count(activation.shape)
     dims = tuple(range(1, activation.dim()))
+    # float32 for fp16/bf16/fp32 activations; float64 ones are not narrowed (they are the test oracle's dtype).
+    dtype = torch.promote_types(activation.dtype, torch.float32)
     if not dims:
-        norm = activation.abs().to(torch.float32)
+        norm = activation.abs().to(dtype)
     elif p == 1:
-        norm = activation.abs().sum(dim=dims, dtype=torch.float32)
+        norm = activation.abs().sum(dim=dims, dtype=dtype)
     else:
-        norm = torch.linalg.vector_norm(activation, ord=p, dim=dims, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(activation, ord=p, dim=dims, dtype=dtype)
     if n_units == 0:
         return norm
     divisor = float(n_units) if unit_norm == "n_units" else float(n_units) ** (1.0 / p)
