@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("losskit.bench.cli:main", "benchmark the cross-entropy implementations side by side (table + CSV)"),
     "losses": ("losskit.cli:losses_main", "list the loss registry: name, required inputs, description"),
+    "modifiers": ("losskit.modifiers.cli:main", "list every loss-modifier config key: type, default, meaning"),
 }
 
 

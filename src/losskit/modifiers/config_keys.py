@@ -1,0 +1,390 @@
+"""The flat loss-modifier config keys: the single source of truth for names, types, defaults and ranges.
+
+Source: seed 000 (``000_8dbc047495973b7b.txt``, "Loss Modifiers System") and spec/modifiers.md §3.10, plus the
+SNR-weighting keys of spec/diffusion.md §8. Every key the seed documents is here, with three justified additions
+(``entropy_modifier_per_sample``, ``entropy_modifier_differentiable_weights``, ``target_smoothing_convention``).
+
+Values arrive as Python objects (from a ``config/*.py`` file or a dict) or as strings (``--key=value`` on the
+command line). :func:`coerce_value` converts both by the key's *declared* type, not by the type of its default, so
+``--target_smoothing_special_tokens=0,1,2`` gives ``[0, 1, 2]`` and ``--entropy_modifier_weight=2`` gives ``2.0``.
+:func:`validate_modifier_config` applies the coercion, the range checks, the cross-key checks and the unknown-key
+check (difflib's closest key, curated hints for the reference implementation's legacy names) to a whole config.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from losskit.contract import ConfigError
+
+__all__ = [
+    "KeySpec",
+    "MODIFIER_CONFIG_KEYS",
+    "MODIFIER_KEY_PATTERNS",
+    "MASTER_SWITCH",
+    "SUB_SWITCHES",
+    "LEGACY_HINTS",
+    "coerce_value",
+    "config_to_dict",
+    "is_modifier_shaped",
+    "literal_value",
+    "unknown_key_message",
+    "validate_modifier_config",
+    "section",
+    "short_settings",
+    "switch_on",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+    """One flat config key.
+
+    Attributes:
+        name: the flat key, e.g. ``"entropy_modifier_weight"``.
+        type: one of ``"bool"``, ``"float"``, ``"int"``, ``"str"``, ``"list[int]"``, ``"float|None"``.
+        default: the value used when the key is absent.
+        help: one line: what the key means (shown by ``losskit modifiers``).
+        constraint: human-readable range, used in error messages (``"> 0"``, ``"in [0, 1)"``), or ``""``.
+        check: predicate on the coerced value; ``False`` raises ``ConfigError`` quoting ``constraint``.
+        choices: allowed values of a ``"str"`` key (empty: any string).
+        owner: the built-in modifier the key configures (for the table and the canonical order).
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    constraint: str = ""
+    check: Callable[[Any], bool] | None = None
+    choices: tuple[str, ...] = ()
+    owner: str = ""
+
+
+_TRUE = {"true": True, "1": True, "false": False, "0": False}
+
+_ENTROPY = "EntropyModifier"
+_SMOOTHING = "TargetSmoothingModifier"
+_MASK_RATIO = "MaskRatioWeightModifier"
+_SNR = "SNRWeightModifier"
+
+
+def _finite(x: float) -> bool:
+    return not math.isnan(x)
+
+
+_SPECS: tuple[KeySpec, ...] = (
+    KeySpec("loss_modifiers_enabled", "bool", False, "master switch: no modifier runs unless this is True"),
+    # --- EntropyModifier (spec/modifiers.md §3.4) ---
+    KeySpec("entropy_modifier_enabled", "bool", False, "weight the loss by the wrong-answer entropy H(q)",
+            owner=_ENTROPY),
+    KeySpec("entropy_modifier_weight", "float", 1.0, "multiplier of the entropy weight (1/ln(V-1) maps it to [0,1])",
+            "> 0", lambda v: v > 0, owner=_ENTROPY),
+    KeySpec("entropy_modifier_threshold", "float", 0.0, "floor tau on each per-sample mean entropy", ">= 0",
+            lambda v: v >= 0, owner=_ENTROPY),
+    KeySpec("entropy_modifier_eps", "float", 1e-8, "positions with 1-p_y <= eps count as entropy 0 (0 disables)",
+            ">= 0", lambda v: v >= 0, owner=_ENTROPY),
+    KeySpec("entropy_modifier_use_for_weighting", "bool", True, "kept from the seed; weighting is always dynamic",
+            "True only", owner=_ENTROPY),
+    KeySpec("entropy_modifier_debug", "bool", False, "log one debug line per call on rank 0 (syncs)",
+            owner=_ENTROPY),
+    KeySpec("entropy_modifier_per_sample", "bool", False, "per-sample weights e_i instead of one batch scalar",
+            owner=_ENTROPY),
+    KeySpec("entropy_modifier_differentiable_weights", "bool", False, "back-propagate through the entropy weight",
+            owner=_ENTROPY),
+    # --- TargetSmoothingModifier (spec/modifiers.md §3.5) ---
+    KeySpec("target_smoothing_enabled", "bool", False, "replace CE by label-smoothed CE", owner=_SMOOTHING),
+    KeySpec("target_smoothing_factor", "float", 0.1, "smoothing strength epsilon (0 = plain CE)", "in [0, 1)",
+            lambda v: 0 <= v < 1, owner=_SMOOTHING),
+    KeySpec("target_smoothing_special_tokens", "list[int]", [], "ids that keep hard targets and get no mass",
+            "ids >= 0 (and < V, checked at the first call)", lambda v: all(i >= 0 for i in v), owner=_SMOOTHING),
+    KeySpec("target_smoothing_exclude_padding", "bool", True, "drop positions whose target is the padding token",
+            owner=_SMOOTHING),
+    KeySpec("target_smoothing_padding_token", "int", -100, "padding token id for exclude_padding",
+            owner=_SMOOTHING),
+    KeySpec("target_smoothing_convention", "str", "torch", "'torch' (eps/K on every class) or 'fairseq'",
+            choices=("torch", "fairseq"), owner=_SMOOTHING),
+    # --- MaskRatioWeightModifier (spec/modifiers.md §3.6) ---
+    KeySpec("mask_ratio_weight_enabled", "bool", False, "weight sequences by (valid/T)^-power, sequence mean",
+            owner=_MASK_RATIO),
+    KeySpec("mask_ratio_weight_power", "float", 0.5, "exponent of the inverse mask ratio", ">= 0",
+            lambda v: v >= 0, owner=_MASK_RATIO),
+    KeySpec("mask_ratio_weight_min", "float", 0.1, "lower clamp of the sequence weight", "> 0",
+            lambda v: v > 0, owner=_MASK_RATIO),
+    KeySpec("mask_ratio_weight_max", "float", 10.0, "upper clamp of the sequence weight", "> 0",
+            lambda v: v > 0, owner=_MASK_RATIO),
+    KeySpec("mask_ratio_weight_eps", "float", 1e-8, "stabiliser of the ratio and its power", ">= 0",
+            lambda v: v >= 0, owner=_MASK_RATIO),
+    # --- SNRWeightModifier (spec/diffusion.md §8); the keys share no prefix ---
+    KeySpec("loss_weighting", "str", "constant", "diffusion loss weighting scheme ('constant' = off)",
+            choices=("constant", "sangoi", "min_snr", "debiased", "p2", "sd3_sigma_sqrt", "sd3_cosmap", "edm"),
+            owner=_SNR),
+    KeySpec("min_snr_gamma", "float", 5.0, "gamma of min-SNR-gamma", "> 0", lambda v: v > 0, owner=_SNR),
+    KeySpec("p2_gamma", "float", 1.0, "gamma of P2 weighting (warns above 2)", ">= 0", lambda v: v >= 0,
+            owner=_SNR),
+    KeySpec("p2_k", "float", 1.0, "k of P2 weighting", "> 0", lambda v: v > 0, owner=_SNR),
+    KeySpec("snr_clamp_max", "float|None", None, "upper SNR clamp (None = the scheme's default)", ">= 0",
+            lambda v: v is None or v >= 0, owner=_SNR),
+    KeySpec("snr_clamp_min", "float|None", None, "lower SNR clamp (None = the scheme's default)", ">= 0",
+            lambda v: v is None or v >= 0, owner=_SNR),
+    KeySpec("prediction_type", "str", "epsilon", "what the denoiser predicts (shared with the diffusion task)",
+            choices=("epsilon", "v_prediction", "sample", "x0", "flow"), owner=_SNR),
+    KeySpec("weighting_convention", "str", "reference", "whose formula variant the weighting follows",
+            choices=("reference", "onetrainer", "kohya", "diffusers"), owner=_SNR),
+    KeySpec("edm_sigma_data", "float", 0.5, "sigma_data of EDM weighting", "> 0", lambda v: v > 0, owner=_SNR),
+    KeySpec("loss_weighting_differentiable_weights", "bool", False, "keep the Sangoi weight's graph",
+            owner=_SNR),
+)
+
+#: Every modifier config key, in canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight).
+MODIFIER_CONFIG_KEYS: dict[str, KeySpec] = {s.name: s for s in _SPECS}
+
+#: Keys of these shapes must be known (spec/modifiers.md §3.10 and spec/diffusion.md §8); others pass through.
+MODIFIER_KEY_PATTERNS: tuple[str, ...] = (
+    "*_modifier_*",
+    "*_modifiers_*",
+    "*_smoothing_*",
+    "mask_ratio_*",
+    "min_snr_*",
+    "snr_clamp_*",
+    "p2_*",
+    "edm_*",
+    "loss_weighting*",
+    "weighting_*",
+)
+
+MASTER_SWITCH = "loss_modifiers_enabled"
+#: Built-in modifier -> the key that switches it on.
+SUB_SWITCHES: dict[str, str] = {
+    _ENTROPY: "entropy_modifier_enabled",
+    _SMOOTHING: "target_smoothing_enabled",
+    _MASK_RATIO: "mask_ratio_weight_enabled",
+    _SNR: "loss_weighting",
+}
+
+#: Legacy names of the reference implementation -> the hint shown instead of difflib's guess.
+LEGACY_HINTS: dict[str, str] = {
+    "entropy_modifier_verbose": "did you mean 'entropy_modifier_debug'? (renamed)",
+    "mask_ratio_weight_min_weight": "did you mean 'mask_ratio_weight_min'? (renamed)",
+    "mask_ratio_weight_max_weight": "did you mean 'mask_ratio_weight_max'? (renamed)",
+    "mask_ratio_weight_sequence_level": "removed; weighting is always sequence-level",
+}
+
+USE_FOR_WEIGHTING_MESSAGE = (
+    "entropy_modifier_use_for_weighting=False is not supported: entropy weighting is always dynamic "
+    "(000_8dbc047495973b7b.txt); remove entropy_modifier_use_for_weighting or set entropy_modifier_enabled=False"
+)
+
+
+def section(owner: str) -> dict[str, KeySpec]:
+    """The keys that configure one built-in modifier (``owner`` is its class name), in table order."""
+    return {k: s for k, s in MODIFIER_CONFIG_KEYS.items() if s.owner == owner}
+
+
+def _type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _to_int(key: str, item: Any, expected: str, whole: Any) -> int:
+    if isinstance(item, bool):
+        raise _type_error(key, expected, whole)
+    if isinstance(item, int):
+        return int(item)
+    if isinstance(item, str):
+        try:
+            return int(item.strip())
+        except ValueError:
+            raise _type_error(key, expected, whole) from None
+    raise _type_error(key, expected, whole)
+
+
+def coerce_value(key: str, value: Any, spec: KeySpec | None = None) -> Any:
+    """Convert ``value`` to the declared type of ``key`` and check its range.
+
+    bool accepts ``True/False/true/false/1/0``; float accepts ints and numeric strings; list[int] accepts a list
+    or tuple of ints, a single int, or a string ``"0,1,2"``, ``"[0, 1, 2]"``, ``"65"`` or ``""``.
+
+    Raises:
+        ConfigError: naming the key, the expected type or range, and the value, e.g.
+            ``"target_smoothing_factor must be in [0, 1), got 1.0"``.
+    """
+    spec = spec or MODIFIER_CONFIG_KEYS[key]
+    t = spec.type
+    if t == "bool":
+        if isinstance(value, bool):
+            out: Any = value
+        elif isinstance(value, int) and value in (0, 1):
+            out = bool(value)
+        elif isinstance(value, str) and value.strip().lower() in _TRUE:
+            out = _TRUE[value.strip().lower()]
+        else:
+            raise _type_error(key, "a bool (True/False/true/false/1/0)", value)
+    elif t in ("float", "float|None"):
+        if t == "float|None" and (value is None or (isinstance(value, str) and value.strip() in ("None", ""))):
+            out = None
+        elif isinstance(value, bool):
+            raise _type_error(key, "a float", value)
+        elif isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                raise _type_error(key, "a float" + (" or None" if t == "float|None" else ""), value) from None
+        else:
+            raise _type_error(key, "a float", value)
+        if out is not None and not _finite(out):
+            raise _type_error(key, "a number (not NaN)", value)
+    elif t == "int":
+        out = _to_int(key, value, "an int", value)
+    elif t == "str":
+        if not isinstance(value, str):
+            raise _type_error(key, "a string", value)
+        out = value.strip()
+        if spec.choices and out not in spec.choices:
+            raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in spec.choices)}, got {value!r}")
+    elif t == "list[int]":
+        expected = "a list of ints (e.g. 0,1,2 or [0, 1, 2])"
+        if isinstance(value, str):
+            text = value.strip()
+            if text[:1] in "[(" and text[-1:] in ")]":
+                text = text[1:-1]
+            items = [p.strip() for p in text.split(",")]
+            if items and items[-1] == "":  # "", "[]" and a trailing comma
+                items = items[:-1]
+            out = [_to_int(key, p, expected, value) for p in items]
+        elif isinstance(value, (list, tuple)):
+            out = [_to_int(key, p, expected, value) for p in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out = [int(value)]
+        else:
+            raise _type_error(key, expected, value)
+        out = list(dict.fromkeys(out))  # duplicate ids are dropped (spec/modifiers.md §1.3)
+    else:  # a programming error in the table itself
+        raise TypeError(f"KeySpec {key!r} has unknown type {t!r}")
+    if spec.check is not None and not spec.check(out):
+        raise ConfigError(f"{key} must be {spec.constraint}, got {value!r}")
+    return out
+
+
+def literal_value(value: Any) -> Any:
+    """Best-effort typing of an undeclared value: a string is parsed as a Python literal when it is one.
+
+    Used for keys under a ``register_modifier`` prefix, whose types the table does not know (nanoGPT's
+    configurator does the same): ``"2.0"`` -> 2.0, ``"True"`` -> True, ``"abc"`` -> ``"abc"``.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return value
+
+
+def is_modifier_shaped(key: str) -> bool:
+    """Whether ``key`` looks like a modifier key, so that an unknown one is an error rather than ignored."""
+    return any(fnmatch.fnmatchcase(key, p) for p in MODIFIER_KEY_PATTERNS)
+
+
+def unknown_key_message(key: str, valid_keys: Iterable[str]) -> str:
+    """The error for an unknown key: curated legacy hint, else difflib's closest valid key (cutoff 0.6)."""
+    if key in LEGACY_HINTS:
+        return f"unknown config key {key!r}; {LEGACY_HINTS[key]}"
+    close = difflib.get_close_matches(key, list(valid_keys), n=1, cutoff=0.6)
+    if close:
+        return f"unknown config key {key!r}; did you mean {close[0]!r}?"
+    return f"unknown config key {key!r}; `losskit modifiers` lists the valid keys"
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict from a mapping, a dataclass instance or an attribute object (module, namespace, class).
+
+    Private names (leading ``_``) are skipped for attribute objects, as they are in config files.
+    """
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    names = getattr(config, "__dict__", None)
+    if names is None:
+        raise ConfigError(f"config must be a mapping or an object with attributes, got {type(config).__name__}")
+    return {k: v for k, v in dict(names).items() if not k.startswith("_")}
+
+
+def validate_modifier_config(
+    config: Mapping[str, Any] | Any,
+    *,
+    prefixes: Iterable[str] = (),
+    warn_master_switch: bool = True,
+) -> dict[str, Any]:
+    """Validate the modifier keys of a merged config; return every modifier key with its coerced value.
+
+    Args:
+        config: a dict or attribute object. Keys that are not modifier-shaped (trainer keys, the seed's
+            ``custom_param``) are ignored here; modifier-shaped keys must be in ``MODIFIER_CONFIG_KEYS`` or
+            start with one of ``prefixes`` (the ``register_modifier`` prefixes).
+        prefixes: registered user-modifier prefixes; keys under them are valid and not checked here.
+        warn_master_switch: warn once when a sub-switch is on but ``loss_modifiers_enabled`` is False.
+
+    Returns:
+        ``{key: value}`` for every key of ``MODIFIER_CONFIG_KEYS`` (defaults filled in).
+
+    Raises:
+        ConfigError: unknown modifier-shaped key (with the closest valid key), bad type or range, min > max,
+            ``entropy_modifier_use_for_weighting=False`` with the entropy modifier on.
+    """
+    raw = config_to_dict(config)
+    prefixes = tuple(prefixes)
+    values = {k: s.default for k, s in MODIFIER_CONFIG_KEYS.items()}
+    for key, value in raw.items():
+        if key in MODIFIER_CONFIG_KEYS:
+            values[key] = coerce_value(key, value)
+        elif any(key.startswith(p) for p in prefixes):
+            continue
+        elif is_modifier_shaped(key):
+            raise ConfigError(unknown_key_message(key, MODIFIER_CONFIG_KEYS))
+    if values["mask_ratio_weight_min"] > values["mask_ratio_weight_max"]:
+        raise ConfigError(
+            "mask_ratio_weight_min must be <= mask_ratio_weight_max, got "
+            f"min={values['mask_ratio_weight_min']!r} > max={values['mask_ratio_weight_max']!r}"
+        )
+    lo, hi = values["snr_clamp_min"], values["snr_clamp_max"]
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"snr_clamp_min must be <= snr_clamp_max, got min={lo!r} > max={hi!r}")
+    if values["entropy_modifier_enabled"] and not values["entropy_modifier_use_for_weighting"]:
+        raise ConfigError(USE_FOR_WEIGHTING_MESSAGE)
+    if values["loss_weighting"] == "p2" and values["p2_gamma"] > 2:
+        warnings.warn(f"p2_gamma={values['p2_gamma']} is above 2; P2 weighting then nearly ignores low-SNR steps",
+                      UserWarning, stacklevel=2)
+    if warn_master_switch and not values[MASTER_SWITCH]:
+        on = [sw for sw in SUB_SWITCHES.values() if switch_on(sw, values[sw])]
+        if on:
+            shown = ", ".join(f"{sw}={values[sw]!r}" for sw in on)
+            warnings.warn(f"{shown} has no effect because loss_modifiers_enabled=False", UserWarning,
+                          stacklevel=2)
+    return values
+
+
+def switch_on(key: str, value: Any) -> bool:
+    """Whether a sub-switch value turns its modifier on (``loss_weighting`` is on unless ``"constant"``)."""
+    return value != "constant" if key == "loss_weighting" else bool(value)
+
+
+def short_settings(owner: str, prefix: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a built-in's short-key config (flat key minus ``prefix``) and return every short key's value.
+
+    ``EntropyModifier({"enabled": True, "weight": 1.2})`` goes through the same coercion, range and cross-key
+    checks as the flat keys; an unknown short key raises with the closest flat key. ``name`` is passed through.
+    """
+    flat = {prefix + k: v for k, v in dict(config).items() if k != "name"}
+    values = validate_modifier_config(flat, warn_master_switch=False)
+    return {k[len(prefix):]: values[k] for k in section(owner)}

@@ -1,0 +1,132 @@
+"""``create_loss_modifier_pipeline(config)`` and ``register_modifier`` (seed 000, spec/modifiers.md §3.1, §3.10).
+
+The factory validates the flat keys once (``config_keys.validate_modifier_config``), builds the enabled built-ins in
+canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight), then the enabled registered user classes,
+then appends ``extra_modifiers``. Keys that are not modifier-shaped (trainer keys, the seed's ``custom_param``) are
+ignored here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from losskit.contract import ConfigError
+from losskit.modifiers.base import BaseLossModifier
+from losskit.modifiers.config_keys import (
+    MASTER_SWITCH,
+    MODIFIER_CONFIG_KEYS,
+    config_to_dict,
+    literal_value,
+    section,
+    validate_modifier_config,
+)
+from losskit.modifiers.entropy import EntropyModifier
+from losskit.modifiers.mask_ratio import MaskRatioWeightModifier
+from losskit.modifiers.pipeline import LossModifierPipeline, _is_rank0
+from losskit.modifiers.smoothing import TargetSmoothingModifier
+
+__all__ = ["create_loss_modifier_pipeline", "register_modifier", "unregister_modifier", "registered_modifiers"]
+
+_REGISTRY: dict[str, type[BaseLossModifier]] = {}
+
+#: SNRWeightModifier (spec/diffusion.md §8) takes the flat keys unstripped; it lives in its own module.
+_SNR_CLASS = "losskit.modifiers.snr:SNRWeightModifier"
+
+
+def register_modifier(cls: type[BaseLossModifier], prefix: str) -> type[BaseLossModifier]:
+    """Let the factory build ``cls`` from flat keys ``<prefix>*`` (prefix stripped); those keys become valid.
+
+    ``register_modifier(MyModifier, "my_mod_")`` then ``--my_mod_enabled=True --my_mod_scale=2`` builds
+    ``MyModifier({"enabled": True, "scale": 2})``. String values from the command line are parsed as Python
+    literals when they are one (``"2"`` -> 2). Returns ``cls``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, BaseLossModifier)):
+        raise TypeError(f"register_modifier needs a subclass of BaseLossModifier, got {cls!r}")
+    if not isinstance(prefix, str) or not prefix.isidentifier():
+        raise ConfigError(f"register_modifier prefix must be an identifier such as 'my_mod_', got {prefix!r}")
+    clash = [k for k in MODIFIER_CONFIG_KEYS if k.startswith(prefix)] + [p for p in _REGISTRY if p != prefix and (
+        p.startswith(prefix) or prefix.startswith(p))]
+    if clash:
+        raise ConfigError(f"register_modifier prefix {prefix!r} overlaps existing keys or prefixes: {clash[:3]}")
+    _REGISTRY[prefix] = cls
+    return cls
+
+
+def unregister_modifier(prefix: str) -> None:
+    """Remove a registration (tests, notebooks)."""
+    _REGISTRY.pop(prefix, None)
+
+
+def registered_modifiers() -> dict[str, type[BaseLossModifier]]:
+    """``{prefix: class}`` of every registered user modifier."""
+    return dict(_REGISTRY)
+
+
+def _strip(values: Mapping[str, Any], owner: str, prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in values.items() if k in section(owner)}
+
+
+def _snr_modifier(values: Mapping[str, Any]) -> BaseLossModifier:
+    module_name, cls_name = _SNR_CLASS.split(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"loss_weighting={values['loss_weighting']!r} needs SNRWeightModifier ({_SNR_CLASS}), which this "
+            f"installation does not provide: {exc}"
+        ) from exc
+    return cls({k: values[k] for k in section("SNRWeightModifier")})
+
+
+def create_loss_modifier_pipeline(
+    config: Mapping[str, Any] | Any,
+    *,
+    extra_modifiers: Iterable[BaseLossModifier] = (),
+    verbose: bool = True,
+    input_checks: str = "immediate",
+) -> LossModifierPipeline:
+    """Build the pipeline a flat config describes.
+
+    Args:
+        config: dict or attribute object with the flat keys (``loss_modifiers_enabled``, ``entropy_modifier_*``,
+            ``target_smoothing_*``, ``mask_ratio_weight_*``, the SNR keys and registered prefixes). Values may be
+            strings (``"0,1,2"``); other keys are ignored.
+        extra_modifiers: modifier instances appended after the built-ins (the seed's ``CustomModifier``).
+        verbose: print ``describe()`` once on rank 0 when any modifier is enabled.
+        input_checks: ``"immediate"`` or ``"deferred"`` (see ``LossModifierPipeline``).
+
+    Raises:
+        ConfigError: unknown modifier-shaped key, bad value, or a conflict (spec/modifiers.md §3.10).
+    """
+    raw = config_to_dict(config)
+    values = validate_modifier_config(raw, prefixes=tuple(_REGISTRY))
+    pipe = LossModifierPipeline(input_checks=input_checks)
+    if values[MASTER_SWITCH]:
+        builtins = (
+            (EntropyModifier, "entropy_modifier_", "entropy_modifier_enabled"),
+            (TargetSmoothingModifier, "target_smoothing_", "target_smoothing_enabled"),
+            (MaskRatioWeightModifier, "mask_ratio_weight_", "mask_ratio_weight_enabled"),
+        )
+        for cls, prefix, switch in builtins:
+            if values[switch]:
+                pipe.add_modifier(cls(_strip(values, cls.__name__, prefix)))
+        if values["loss_weighting"] != "constant":
+            pipe.add_modifier(_snr_modifier(values))
+        for prefix, cls in _REGISTRY.items():
+            sub = {k[len(prefix):]: literal_value(v) for k, v in raw.items() if k.startswith(prefix)}
+            if sub:
+                mod = cls(sub)
+                if mod.is_enabled():
+                    pipe.add_modifier(mod)
+    for mod in extra_modifiers:
+        pipe.add_modifier(mod)
+    if not pipe.is_empty():
+        if verbose and _is_rank0():
+            print(pipe.describe())
+    elif values[MASTER_SWITCH]:
+        warnings.warn("loss_modifiers_enabled=True but no loss modifier is enabled; the loss is unchanged",
+                      UserWarning, stacklevel=2)
+    return pipe

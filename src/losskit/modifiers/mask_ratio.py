@@ -1,0 +1,116 @@
+"""``MaskRatioWeightModifier``: up-weight sequences with few valid tokens (seed 000, spec/modifiers.md §3.6).
+
+Phase-2 weight producer that also selects the sequence mean for phase 3::
+
+    r_i = n_i / (T + eps)                       T = targets.shape[-1], the padded length
+    w_i = clamp((r_i + eps) ** (-power), min, max)
+    L   = (1/|S|) Σ_{i∈S} w_i · (Σ_t m_it ℓ_it / n_i)
+
+No renormalisation (the seed's example requires it). Seed example: T = 4, targets ``[5,−100,−100,−100]`` and
+``[3,4,1,2]`` give ``r = [0.25, 1.0]``, ``w = [2.0, 1.0]``; with ``L = [2.0, 1.0]`` the loss is 2.5 (plain token
+mean 1.2). The weights come from a bool mask, so they carry no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights
+from losskit.modifiers.config_keys import short_settings
+from losskit.modifiers.pipeline import run_standalone
+
+__all__ = ["MaskRatioWeightModifier", "mask_ratio_weights"]
+
+
+def mask_ratio_weights(
+    seq_valid: torch.Tensor,
+    seq_len: int,
+    *,
+    power: float = 0.5,
+    min_weight: float = 0.1,
+    max_weight: float = 10.0,
+    eps: float = 1e-8,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mask ratios and weights ``(r, w)`` from valid counts ``n_i``.
+
+    Plain torch: ``r = n / (T + eps); w = ((r + eps) ** -power).clamp(min_weight, max_weight)``.
+
+    Args:
+        seq_valid: ``(B,)`` integer valid counts ``n_i``.
+        seq_len: the padded length ``T``.
+        dtype: float dtype of the result (default: the default float dtype).
+    """
+    r = seq_valid.to(dtype or torch.get_default_dtype()) / (seq_len + eps)
+    w = (r + eps).pow(-power).clamp(min_weight, max_weight)
+    return r, w
+
+
+def _stats_over(x: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """mean, min, max, population std of ``x`` over ``keep`` (0 each when empty); no host sync."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    n = count.clamp_min(1).to(x.dtype)
+    mean = torch.where(keep, x, zero).sum() / n
+    std = (torch.where(keep, (x - mean) ** 2, zero).sum() / n).sqrt()
+    some = count > 0
+    mn = torch.where(some, torch.where(keep, x, inf).amin(), zero)
+    mx = torch.where(some, torch.where(keep, x, -inf).amax(), zero)
+    return mean, mn, mx, std
+
+
+class MaskRatioWeightModifier(BaseLossModifier):
+    """Phase-2 weight producer: sequence weights ``w_i`` from the mask ratio, and the sequence-mean reduction.
+
+    Config (short keys; flat keys carry the prefix ``mask_ratio_weight_``): ``enabled=False``, ``power=0.5``
+    (>= 0), ``min=0.1``, ``max=10.0`` (``0 < min <= max``), ``eps=1e-8`` (>= 0).
+
+    Standalone, ``modify_loss(logits, targets, loss, ...)`` equals a pipeline holding only this modifier.
+
+    Metrics over non-empty sequences (detached 0-d tensors, population std): ``mean_mask_ratio``,
+    ``min_mask_ratio``, ``max_mask_ratio``, ``mean_weight``, ``min_weight``, ``max_weight``, ``weight_std``.
+    """
+
+    needs = ()
+    requires_logits = True
+    canonical_rank = 2
+    PREFIX = "mask_ratio_weight_"
+
+    def __init__(self, config: Mapping[str, Any] | None = None):
+        super().__init__(config)
+        s = short_settings(type(self).__name__, self.PREFIX, self.config)
+        self.settings = s
+        self.enabled = s["enabled"]
+        self.power = s["power"]
+        self.min = s["min"]
+        self.max = s["max"]
+        self.eps = s["eps"]
+
+    def weights(self, ctx: ModifierContext) -> Weights:
+        dtype = ctx.per_token_loss.dtype if ctx.per_token_loss is not None else None
+        r, w = mask_ratio_weights(ctx.seq_valid, ctx.T, power=self.power, min_weight=self.min,
+                                  max_weight=self.max, eps=self.eps, dtype=dtype)
+        count = ctx.nonempty.sum()
+        rm, rmin, rmax, _ = _stats_over(r, ctx.nonempty, count)
+        wm, wmin, wmax, wstd = _stats_over(w, ctx.nonempty, count)
+        self._metrics = {
+            "mean_mask_ratio": rm,
+            "min_mask_ratio": rmin,
+            "max_mask_ratio": rmax,
+            "mean_weight": wm,
+            "min_weight": wmin,
+            "max_weight": wmax,
+            "weight_std": wstd,
+        }
+        return Weights(sample=w, sequence_mean=True)
+
+    def modify_loss(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor | None = None,
+                    **kwargs: Any) -> torch.Tensor:
+        """Standalone use: equals ``LossModifierPipeline([self]).modify_loss(...)``."""
+        return run_standalone(self, logits, targets, loss, **kwargs)
+
+    def get_metrics(self) -> dict[str, Any]:
+        return dict(self._metrics)
