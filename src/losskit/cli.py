@@ -15,6 +15,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("losskit.bench.cli:main", "benchmark the cross-entropy implementations side by side (table + CSV)"),
     "losses": ("losskit.cli:losses_main", "list the loss registry: name, required inputs, description"),
     "modifiers": ("losskit.modifiers.cli:main", "list every loss-modifier config key: type, default, meaning"),
+    "train": ("losskit.train.cli:main", "train a model (task lm: byte-level Llama on an embedded corpus; temporal; diffusion)"),
+    "plot": ("losskit.train.plot:main", "PNG training curves of run directories (losses, LR, modifier metrics)"),
+    "compare": ("losskit.train.compare:main", "train config variants on the same data and seed; table + val-curve PNG"),
+    "sample": ("losskit.train.sample:main", "generate text from a trained lm run"),
+    "export": ("losskit.train.export:main", "write a run (or tinker:// checkpoint) as a Hugging Face LlamaForCausalLM"),
 }
 
 
