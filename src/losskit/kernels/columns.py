@@ -1,0 +1,78 @@
+"""Column sets of a call: the smoothing support A = {0..V−1} \\ E and the hard-target ids (spec/kernels.md §3.3).
+
+Ids are validated on the host from the id list (never from tensor values of the step), and the on-device
+indicator of each set is built once and cached per (ids, V, device, dtype), so repeated calls cost no
+allocation and no host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from collections.abc import Iterable
+
+import torch
+
+from losskit.contract import LossInputError
+
+
+def normalize_ids(ids: Iterable[int] | torch.Tensor | None, num_classes: int, name: str) -> tuple[int, ...]:
+    """Sorted, de-duplicated class ids in ``[0, V)``; ``LossInputError`` naming ``name`` otherwise.
+
+    A tensor is accepted for convenience; it is read on the host (configuration, not step data), so pass a
+    list or tuple on the hot path.
+    """
+    if ids is None:
+        return ()
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 or (ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)):
+            raise LossInputError(f"{name} must be a 1-D integer tensor or a list of ints, got {ids.dtype} {tuple(ids.shape)}")
+        values = [int(v) for v in ids.reshape(-1).to("cpu").numpy()] if ids.numel() else []
+    else:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise LossInputError(f"{name} must be a list of class ids, got {type(ids).__name__}")
+        values = []
+        for v in ids:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise LossInputError(f"{name} must contain integer class ids, got {v!r}")
+            values.append(int(v))
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise LossInputError(
+            f"{name}: id {bad[0]} is outside [0, V={num_classes}); expected class ids in [0, {num_classes})"
+        )
+    return tuple(sorted(set(values)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSet:
+    """A set of class ids as a float indicator on the device.
+
+    Attributes:
+        ids: the sorted member ids (for the support: the excluded ids E).
+        indicator: ``(V,)`` float tensor, 1 on members of the indicated set, else 0.
+        count: number of ones in ``indicator``.
+    """
+
+    ids: tuple[int, ...]
+    indicator: torch.Tensor
+    count: int
+
+
+@functools.lru_cache(maxsize=64)
+def _indicator(ids: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
+    ind = torch.full((num_classes,), 1.0 - value, dtype=dtype)
+    if ids:
+        ind[torch.tensor(ids, dtype=torch.long)] = value
+    return ind.to(device)
+
+
+def support_set(excluded: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype) -> ColumnSet:
+    """The smoothing support A = all ids minus ``excluded``: indicator 1 on A, 0 on E; ``count = K``."""
+    return ColumnSet(excluded, _indicator(excluded, num_classes, device, dtype, 0.0), num_classes - len(excluded))
+
+
+def member_set(ids: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype) -> ColumnSet:
+    """The set ``ids`` itself: indicator 1 on its members (used for ``hard_target_ids``)."""
+    return ColumnSet(ids, _indicator(ids, num_classes, device, dtype, 1.0), len(ids))

@@ -1,0 +1,108 @@
+"""The ``torch`` implementation: the readable reference (spec/kernels.md §4.2).
+
+Plain torch on the whole tensor, computed in fp32 (fp64 stays fp64), gradients by autograd, built on the
+functional ops of ``functional/cross_entropy.py``. Tests run it in fp64 as the oracle of ``chunked`` (and of
+``triton``). No in-place or eager mode: ``inplace_grad``, ``grad_mode`` and ``grad_scale`` change nothing
+here (they are permissions and hints for the fast paths, never semantics).
+
+Per row, with ``lp = log_softmax(z)`` and ``zq`` = z with the target column at −∞::
+
+    lse = logsumexp(z);  target_logit = z_y;  nll = −lp_y
+    log1m_target_prob = logsumexp(zq) − lse
+    support_mean_logit = Σ_{i∈A} z_i / K
+    entropy = functional.entropy(z);  wrong_entropy = functional.wrong_answer_entropy(z, y)
+    argmax = torch.argmax(z)
+
+and the fused loss (§3.3) in the dense-sum form the functional oracle uses:
+``(1 − ε_t)·nll + ε_t·(−Σ_{c∈A_t} lp_c)/K_t + λ·lse²``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from losskit.functional.cross_entropy import entropy, wrong_answer_entropy
+from losskit.kernels.chunked import StatFields
+from losskit.kernels.prepare import Prepared, Smoothing
+
+_NEG_INF = float("-inf")
+
+
+def _rows(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
+    """``(n, V)`` logits in the compute dtype with invalid rows replaced by zeros (no NaN can leak)."""
+    z = logits.reshape(-1, logits.shape[-1]).to(prep.dtype)
+    return torch.where(prep.valid[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _mask(x: torch.Tensor, prep: Prepared) -> torch.Tensor:
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+    return torch.where(prep.out_of_range, nan, torch.where(prep.valid, x, zero))
+
+
+def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torch.Tensor]:
+    """All statistics of §2.1 (flat, masked) plus ``lp`` (the ``(n, V)`` log-probabilities, for the loss)."""
+    z = _rows(logits, prep)
+    tgt = prep.target[:, None]
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z - lse[:, None]
+    zy = z.gather(-1, tgt)[:, 0]
+    nll = -lp.gather(-1, tgt)[:, 0]
+    zq = z.scatter(-1, tgt, _NEG_INF)
+    log1m = torch.logsumexp(zq, dim=-1) - lse
+    k = prep.num_support
+    if k == 0:
+        support_mean = zy
+    elif prep.support.ids:
+        in_a = prep.support.indicator.bool()
+        support_mean = torch.where(in_a, z, torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1) / k
+    else:
+        support_mean = z.sum(-1) / k
+    h = entropy(z)
+    # wrong_answer_entropy gives NaN at out-of-range targets itself; it needs the unclamped target for that.
+    hq = wrong_answer_entropy(z, prep.target, ignore_index=None)
+    argmax = torch.argmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    argmax = torch.where(prep.valid, argmax, torch.full_like(argmax, -1))
+    bad = prep.valid & (prep.out_of_range | ~torch.isfinite(lse) | ~torch.isfinite(zy))
+    fields = StatFields(
+        lse=_mask(lse, prep),
+        target_logit=_mask(zy, prep),
+        nll=_mask(nll, prep),
+        log1m_target_prob=_mask(log1m, prep),
+        support_mean_logit=_mask(support_mean, prep),
+        entropy=_mask(h, prep),
+        wrong_entropy=_mask(hq, prep),
+        a_over_k=_mask(support_mean - zy, prep),
+        argmax=argmax,
+        correct=prep.valid & ~prep.out_of_range & (argmax == prep.target),
+        bad=bad,
+    )
+    return fields, lp
+
+
+def fused_terms(
+    logits: torch.Tensor, prep: Prepared, sm: Smoothing, z_loss: float
+) -> tuple[torch.Tensor, StatFields]:
+    """Per-token ``CE_ε + λ·lse²`` (flat, differentiable, 0 at invalid rows) and the statistics.
+
+    ``torch``: ``(1 − ε_t)·nll + ε_t·(−Σ_{c∈A} lp_c)/K``; ``fairseq``: the sum and K_t omit the target.
+    """
+    f, lp = token_fields(logits, prep)
+    loss = f.nll
+    if sm.eps_t is not None:
+        zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+        if prep.support.ids:
+            # where, not a product with the indicator: excluded columns may be −inf (masked vocabulary).
+            sum_a = torch.where(prep.support.indicator.bool(), lp, zero).sum(-1)
+        else:
+            sum_a = lp.sum(-1)
+        lp_y = -f.nll
+        # fairseq: A_t = A \ {y}; torch: A_t = A. target_in_at is [y∈A_t]; [y∈A] − [y∈A_t] removes y.
+        sum_at = sum_a - (prep.target_in_support - sm.target_in_at) * lp_y
+        k_t = prep.num_support / sm.k_ratio
+        smooth = -sum_at / k_t
+        smoothed = (1.0 - sm.eps_t) * f.nll + sm.eps_t * smooth
+        loss = torch.where(sm.eps_t > 0, smoothed, f.nll)
+    if z_loss != 0.0:
+        loss = loss + z_loss * f.lse * f.lse
+    return _mask(loss, prep), f
