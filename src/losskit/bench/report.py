@@ -1,0 +1,130 @@
+"""Presenting benchmark rows: the CSV of spec/kernels.md §6, the console table and the target lines.
+
+Pure formatting: every function takes rows (``cross_entropy.Row``), the run's ``Environment`` and the measured copy
+bandwidth, and returns text or writes one file. Empty cells mean "not measured" (skipped rows, failed rows, a
+column that does not apply, such as D for a loss without a hidden dimension).
+"""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+from collections.abc import Iterable, Sequence
+
+from losskit.bench.cross_entropy import T5_BASELINE, T5_NAME, T5_TARGET_RATIO, Row
+from losskit.bench.env import Environment
+from losskit.bench.memory import GIB, MIB
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "date", "git_commit", "device", "capability", "torch", "triton", "cuda", "liger", "cut_cross_entropy",
+    "copy_tb_s", "name", "impl", "mode", "inplace", "N", "V", "D", "dtype", "ms_median", "ms_min", "ms_max",
+    "reps", "floor_ms", "x_floor", "peak_extra_gib", "max_err", "status",
+)
+
+# spec/kernels.md §4.3: the chunked impl's default chunk on CPU; T5's memory bound is grad + 4·chunk + 16 MiB.
+CPU_CHUNK_BYTES = 4 * MIB
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
+
+
+def csv_records(env: Environment, bandwidth: float, rows: Iterable[Row]) -> list[dict[str, str]]:
+    """One dict per row with exactly ``CSV_COLUMNS`` as keys (strings, empty where not measured)."""
+    run_cols = {
+        "date": env.date, "git_commit": env.git_commit, "device": env.device, "capability": env.capability,
+        "torch": env.torch, "triton": env.triton, "cuda": env.cuda, "liger": env.liger,
+        "cut_cross_entropy": env.cut_cross_entropy, "copy_tb_s": f"{bandwidth / 1e12:.6g}",
+    }
+    records = []
+    for r in rows:
+        records.append({
+            **run_cols,
+            "name": r.name, "impl": r.impl, "mode": r.mode, "inplace": str(r.inplace).lower(),
+            "N": str(r.N), "V": str(r.V), "D": r.D, "dtype": r.dtype,
+            "ms_median": _num(r.ms_median, 6), "ms_min": _num(r.ms_min, 6), "ms_max": _num(r.ms_max, 6),
+            "reps": str(r.reps), "floor_ms": _num(r.floor_ms, 6), "x_floor": _num(r.x_floor, 4),
+            "peak_extra_gib": "" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / GIB:.6f}",
+            "max_err": _num(r.max_err, 3), "status": r.status,
+        })
+    return records
+
+
+def write_csv(path: pathlib.Path, env: Environment, bandwidth: float, rows: Iterable[Row]) -> None:
+    """Write the CSV (creating the parent directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_records(env, bandwidth, rows))
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False) -> str:
+    """An aligned plain-text table, or a Markdown table with ``markdown=True``."""
+    cells = [list(header)] + [[str(c) for c in r] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
+def result_table(rows: Sequence[Row], *, gib: bool, markdown: bool = False) -> str:
+    """The console table: name, N, V, ms, floor ms, x-floor, peak extra (MiB on CPU, GiB on GPU), status."""
+    unit, scale, digits = ("GiB", GIB, 2) if gib else ("MiB", MIB, 1)
+    body = []
+    for r in rows:
+        extra = "" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / scale:.{digits}f}"
+        body.append([
+            r.name, str(r.N), str(r.V), "" if r.ms_median is None else f"{r.ms_median:.3f}", f"{r.floor_ms:.3f}",
+            "" if r.x_floor is None else f"{r.x_floor:.2f}", extra, r.status,
+        ])
+    header = ["name", "N", "V", "ms", "floor ms", "x floor", f"peak extra {unit}", "status"]
+    return text_table(header, body, markdown=markdown)
+
+
+def header_lines(env: Environment, bandwidth: float) -> list[str]:
+    """The run's identity: device, versions, torch threads, commit and the measured copy bandwidth."""
+    versions = f"torch {env.torch}"
+    for label, value in (("triton", env.triton), ("CUDA", env.cuda), ("liger", env.liger),
+                         ("cut-cross-entropy", env.cut_cross_entropy)):
+        versions += f", {label} {value or 'n/a'}"
+    return [
+        f"device: {env.device} [{env.capability}]",
+        f"versions: {versions}",
+        f"torch threads: {env.threads}",
+        f"commit: {env.git_commit}   date: {env.date}",
+        f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + write)",
+    ]
+
+
+def _find(rows: Sequence[Row], name: str, n: int, v: int) -> Row | None:
+    return next((r for r in rows if r.name == name and r.N == n and r.V == v), None)
+
+
+def t5_lines(rows: Sequence[Row], chunk_bytes: int = CPU_CHUNK_BYTES) -> list[str]:
+    """T5 (spec/kernels.md §7) per shape: chunked all-features pipeline vs ``F.cross_entropy(label_smoothing=0.1)``.
+
+    Time: ratio of the interleaved medians, target ≤ 1.2. Memory: peak extra ≤ grad + 4·chunk + 16 MiB.
+    """
+    lines = []
+    for n, v in dict.fromkeys((r.N, r.V) for r in rows):
+        ours, base = _find(rows, T5_NAME, n, v), _find(rows, T5_BASELINE, n, v)
+        if ours is None or base is None:
+            continue
+        if ours.ms_median is None or base.ms_median is None:
+            lines.append(f"T5 N={n} V={v}: not measured ({T5_NAME}: {ours.status}; baseline: {base.status})")
+            continue
+        ratio = ours.ms_median / base.ms_median
+        verdict = "met" if ratio <= T5_TARGET_RATIO else "MISSED"
+        line = (f"T5 N={n} V={v}: {ours.ms_median:.3f} ms / {base.ms_median:.3f} ms = {ratio:.2f}x "
+                f"(target <= {T5_TARGET_RATIO}: {verdict})")
+        if ours.peak_extra_bytes is not None:
+            bound = n * v * 4 + 4 * chunk_bytes + 16 * MIB
+            mem = "met" if ours.peak_extra_bytes <= bound else "MISSED"
+            line += (f"; extra {ours.peak_extra_bytes / MIB:.1f} MiB vs bound grad + 4 chunk + 16 MiB = "
+                     f"{bound / MIB:.1f} MiB ({mem})")
+        lines.append(line)
+    return lines
