@@ -93,6 +93,7 @@ class SNRWeightModifier(BaseLossModifier):
                 f"schemes depend only on the SNR), got loss_weighting={self.scheme!r}"
             )
         self.differentiable_weights = bool(s["loss_weighting_differentiable_weights"])
+        self.last_weights: torch.Tensor | None = None
         try:
             check_convention(self.scheme, self.prediction_type, self.convention, p2_k=s["p2_k"])
         except LossInputError as exc:
@@ -157,6 +158,7 @@ class SNRWeightModifier(BaseLossModifier):
         if mape is not None:
             metrics["mean_mape"] = _over(mape.detach().to(wd.dtype), keep)[0]
         self._metrics = metrics
+        self.last_weights = wd  # [B], detached: for per-bucket logging by the diffusion task
         return Weights(sample=w, sequence_mean=True)
 
     @staticmethod
