@@ -21,7 +21,7 @@ from typing import Any
 
 from losskit.contract import ConfigError
 
-__all__ = ["load_config_file", "parse_overrides", "merge_config", "load_config"]
+__all__ = ["load_config", "load_config_file", "merge_config", "parse_overrides"]
 
 _PY_SUFFIXES = (".py",)
 _YAML_SUFFIXES = (".yaml", ".yml")

@@ -44,7 +44,7 @@ def token_stats_dense(logits, targets, *, ignore_index=-100, mask=None, smoothin
         support[list(smoothing_exclude)] = False
     smean = logits[..., support].mean(-1)
     zero = torch.zeros((), dtype=logits.dtype)
-    f = lambda t: torch.where(valid, t, zero)  # noqa: E731
+    f = lambda t: torch.where(valid, t, zero)
     am = logits.argmax(-1)
     return TokenStats(valid=valid, lse=f(lse), target_logit=f(zy), nll=f(nll), log1m_target_prob=f(l1m),
                       support_mean_logit=f(smean), entropy=f(hp), wrong_entropy=f(hq),

@@ -106,8 +106,8 @@ def test_declared_type_coercion(key, value, expected):
         ({"mask_ratio_weight_sequence_level": True}, "removed; weighting is always sequence-level"),
         ({"loss_modifiers_enabled": True, "entropy_modifier_enabled": True,
           "entropy_modifier_use_for_weighting": False},
-         "entropy weighting is always dynamic (000_8dbc047495973b7b.txt); remove "
-         "entropy_modifier_use_for_weighting or set entropy_modifier_enabled=False"),
+         ("entropy weighting is always dynamic (000_8dbc047495973b7b.txt); remove "
+         "entropy_modifier_use_for_weighting or set entropy_modifier_enabled=False")),
         ({"target_smoothing_factor": 1.0}, "target_smoothing_factor must be in [0, 1), got 1.0"),
         ({"target_smoothing_factor": -0.1}, "target_smoothing_factor must be in [0, 1), got -0.1"),
         ({"mask_ratio_weight_min": 2.0, "mask_ratio_weight_max": 1.0},
@@ -196,19 +196,19 @@ SEED_COMMANDS = [  # verbatim from 000_8dbc047495973b7b.txt (continuations joine
     ("python train.py --loss_modifiers_enabled=True --target_smoothing_enabled=True --target_smoothing_factor=0.1",
      [S], {S: {"factor": 0.1}}),
     ("python train.py --loss_modifiers_enabled=True --entropy_modifier_enabled=True", [E], {E: {"weight": 1.0}}),
-    ("python train.py --loss_modifiers_enabled=True \\\n  --target_smoothing_enabled=True "
+    (("python train.py --loss_modifiers_enabled=True \\\n  --target_smoothing_enabled=True "
      "--target_smoothing_factor=0.1 \\\n  --entropy_modifier_enabled=True --entropy_modifier_weight=1.2 \\\n"
-     "  --mask_ratio_weight_enabled=True", [E, S, M], {E: {"weight": 1.2}, S: {"factor": 0.1}}),
-    ("python train.py \\\n  --loss_modifiers_enabled=True \\\n  --entropy_modifier_enabled=True \\\n"
-     "  --entropy_modifier_weight=1.5 \\\n  --target_smoothing_enabled=True \\\n  --target_smoothing_factor=0.15",
+     "  --mask_ratio_weight_enabled=True"), [E, S, M], {E: {"weight": 1.2}, S: {"factor": 0.1}}),
+    (("python train.py \\\n  --loss_modifiers_enabled=True \\\n  --entropy_modifier_enabled=True \\\n"
+     "  --entropy_modifier_weight=1.5 \\\n  --target_smoothing_enabled=True \\\n  --target_smoothing_factor=0.15"),
      [E, S], {E: {"weight": 1.5}, S: {"factor": 0.15}}),
-    ("python train.py \\\n  --dataset=custom_text \\\n  --loss_modifiers_enabled=True \\\n"
-     "  --target_smoothing_enabled=True \\\n  --target_smoothing_factor=0.1", [S], {S: {"factor": 0.1}}),
-    ("python train.py \\\n  --loss_modifiers_enabled=True \\\n  --entropy_modifier_enabled=True \\\n"
-     "  --entropy_modifier_use_for_weighting=True \\\n  --entropy_modifier_threshold=0.2",
+    (("python train.py \\\n  --dataset=custom_text \\\n  --loss_modifiers_enabled=True \\\n"
+     "  --target_smoothing_enabled=True \\\n  --target_smoothing_factor=0.1"), [S], {S: {"factor": 0.1}}),
+    (("python train.py \\\n  --loss_modifiers_enabled=True \\\n  --entropy_modifier_enabled=True \\\n"
+     "  --entropy_modifier_use_for_weighting=True \\\n  --entropy_modifier_threshold=0.2"),
      [E], {E: {"threshold": 0.2}}),
-    ("python train.py \\\n  --loss_modifiers_enabled=True \\\n  --mask_ratio_weight_enabled=True \\\n"
-     "  --mask_ratio_weight_power=0.5 \\\n  --mask_ratio_weight_max=5.0", [M], {M: {"power": 0.5, "max": 5.0}}),
+    (("python train.py \\\n  --loss_modifiers_enabled=True \\\n  --mask_ratio_weight_enabled=True \\\n"
+     "  --mask_ratio_weight_power=0.5 \\\n  --mask_ratio_weight_max=5.0"), [M], {M: {"power": 0.5, "max": 5.0}}),
 ]
 
 
@@ -227,17 +227,17 @@ def test_seed_command_lines(command, names, attrs):
 
 
 SEED_CONFIG_BLOCKS = [  # the seed's python config examples, verbatim
-    ("loss_modifiers_enabled = True\nentropy_modifier_enabled = True\nentropy_modifier_weight = 1.0\n"
-     "entropy_modifier_threshold = 0.1\nentropy_modifier_eps = 1e-8\n",
+    (("loss_modifiers_enabled = True\nentropy_modifier_enabled = True\nentropy_modifier_weight = 1.0\n"
+     "entropy_modifier_threshold = 0.1\nentropy_modifier_eps = 1e-8\n"),
      [E], {E: {"weight": 1.0, "threshold": 0.1, "eps": 1e-8}}),
-    ("loss_modifiers_enabled = True\ntarget_smoothing_enabled = True\n"
+    (("loss_modifiers_enabled = True\ntarget_smoothing_enabled = True\n"
      "target_smoothing_factor = 0.1                    # Smoothing strength (0.0 = no smoothing)\n"
      "target_smoothing_special_tokens = []             # Token IDs to exclude from smoothing\n"
      "target_smoothing_exclude_padding = True          # Exclude padding from loss\n"
-     "target_smoothing_padding_token = -100            # Padding token ID\n",
+     "target_smoothing_padding_token = -100            # Padding token ID\n"),
      [S], {S: {"factor": 0.1, "special_tokens": [], "exclude_padding": True, "padding_token": -100}}),
-    ("loss_modifiers_enabled = True\ntarget_smoothing_enabled = True\n"
-     "target_smoothing_factor = 0.1  # Conservative smoothing\n", [S], {S: {"factor": 0.1}}),
+    (("loss_modifiers_enabled = True\ntarget_smoothing_enabled = True\n"
+     "target_smoothing_factor = 0.1  # Conservative smoothing\n"), [S], {S: {"factor": 0.1}}),
     ("# In your config\nentropy_modifier_debug = True  # Custom parameter for debugging\n", [], {}),
 ]
 

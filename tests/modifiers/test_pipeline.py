@@ -258,7 +258,7 @@ def test_gradcheck_full_pipeline_differentiable_weights(impl, per_sample):
     logits, targets = small_case()
     pipe = pipe_of(ENT, SMO, MR, entropy_modifier_differentiable_weights=True, entropy_modifier_threshold=0.1,
                    entropy_modifier_per_sample=per_sample, target_smoothing_special_tokens=[1])
-    f = lambda x: pipe.compute(x, targets, impl=impl).loss  # noqa: E731
+    f = lambda x: pipe.compute(x, targets, impl=impl).loss
     assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
 
 
@@ -719,3 +719,13 @@ def test_compute_elementwise():
     torch.testing.assert_close(out.loss_raw, per.mean(), rtol=1e-12, atol=0)
     with pytest.raises(ConfigError, match="EntropyModifier"):
         LossModifierPipeline([EntropyModifier({"enabled": True})]).compute_elementwise(x)
+
+
+def test_entropy_debug_line(caplog):
+    pipe = pipe_of(ENT, entropy_modifier_debug=True)
+    with caplog.at_level("INFO", logger="losskit.modifiers"):
+        pipe.modify_loss(seed_logits(), SEED_TARGETS, None, iter_num=12)
+    (record,) = [r for r in caplog.records if r.name == "losskit.modifiers"]
+    msg = record.getMessage()
+    assert "iter=12" in msg and "valid=4" in msg and "weight=0.795763" in msg and "clamped=0" in msg
+    assert "H_bar[:8]=[1.002286, 0.589241]" in msg

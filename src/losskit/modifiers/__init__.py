@@ -9,7 +9,12 @@ Quick start::
 """
 
 from losskit.modifiers.base import BaseLossModifier, ModifiedLoss, ModifierContext, Weights, phase_of
-from losskit.modifiers.config_keys import MODIFIER_CONFIG_KEYS, KeySpec, coerce_value, validate_modifier_config
+from losskit.modifiers.config_keys import (
+    MODIFIER_CONFIG_KEYS,
+    KeySpec,
+    coerce_value,
+    validate_modifier_config,
+)
 from losskit.modifiers.entropy import EntropyModifier, entropy_batch_weight
 from losskit.modifiers.factory import (
     create_loss_modifier_pipeline,
@@ -22,11 +27,11 @@ from losskit.modifiers.pipeline import LossModifierPipeline
 from losskit.modifiers.smoothing import TargetSmoothingModifier, smoothed_token_loss
 
 __all__ = [
+    "MODIFIER_CONFIG_KEYS",
     "BaseLossModifier",
     "EntropyModifier",
     "KeySpec",
     "LossModifierPipeline",
-    "MODIFIER_CONFIG_KEYS",
     "MaskRatioWeightModifier",
     "ModifiedLoss",
     "ModifierContext",

@@ -25,7 +25,7 @@ import torch
 
 from losskit.contract import StepCounts, TokenStats
 
-__all__ = ["BaseLossModifier", "ModifierContext", "ModifiedLoss", "Weights", "phase_of"]
+__all__ = ["BaseLossModifier", "ModifiedLoss", "ModifierContext", "Weights", "phase_of"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import argparse
 from losskit.modifiers.config_keys import MODIFIER_CONFIG_KEYS, MODIFIER_KEY_PATTERNS
 from losskit.modifiers.factory import registered_modifiers
 
-__all__ = ["main", "keys_table"]
+__all__ = ["keys_table", "main"]
 
 _HEADER = ("key", "type", "default", "constraint", "meaning")
 

@@ -25,21 +25,21 @@ from typing import Any
 from losskit.contract import ConfigError
 
 __all__ = [
-    "KeySpec",
+    "LEGACY_HINTS",
+    "MASTER_SWITCH",
     "MODIFIER_CONFIG_KEYS",
     "MODIFIER_KEY_PATTERNS",
-    "MASTER_SWITCH",
     "SUB_SWITCHES",
-    "LEGACY_HINTS",
+    "KeySpec",
     "coerce_value",
     "config_to_dict",
     "is_modifier_shaped",
     "literal_value",
-    "unknown_key_message",
-    "validate_modifier_config",
     "section",
     "short_settings",
     "switch_on",
+    "unknown_key_message",
+    "validate_modifier_config",
 ]
 
 

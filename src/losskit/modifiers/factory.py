@@ -28,7 +28,7 @@ from losskit.modifiers.mask_ratio import MaskRatioWeightModifier
 from losskit.modifiers.pipeline import LossModifierPipeline, _is_rank0
 from losskit.modifiers.smoothing import TargetSmoothingModifier
 
-__all__ = ["create_loss_modifier_pipeline", "register_modifier", "unregister_modifier", "registered_modifiers"]
+__all__ = ["create_loss_modifier_pipeline", "register_modifier", "registered_modifiers", "unregister_modifier"]
 
 _REGISTRY: dict[str, type[BaseLossModifier]] = {}
 

@@ -47,7 +47,7 @@ from losskit.contract import (
 from losskit.functional import reduce
 from losskit.modifiers.base import BaseLossModifier, ModifiedLoss, ModifierContext, Weights, phase_of
 
-__all__ = ["LossModifierPipeline", "run_standalone", "INPUT_CHECKS", "MISMATCH_MESSAGE"]
+__all__ = ["INPUT_CHECKS", "MISMATCH_MESSAGE", "LossModifierPipeline", "run_standalone"]
 
 INPUT_CHECKS: tuple[str, ...] = ("immediate", "deferred")
 MISMATCH_MESSAGE = (
