@@ -490,6 +490,31 @@ def test_deferred_step_has_no_sync(impl):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deferred_step_has_no_sync_cuda():
+    logits, targets, mask = (t.cuda() for t in random_batch(torch.float32, seed=4))
+    pipe = pipe_of(ENT, SMO, MR, input_checks="deferred", target_smoothing_special_tokens=[1, 2],
+                   target_smoothing_padding_token=0)
+    sc = make_step_counts(targets, masks=mask, padding_token=0)
+    for step in range(2):  # the first step compiles kernels and caches id tensors; the second must not sync
+        x = logits.clone().requires_grad_(True)
+        mode = contextlib.nullcontext() if step == 0 else _cuda_sync_error()
+        with mode:
+            out = pipe.compute(x, targets, mask=mask, step_counts=sc)
+            out.loss.backward()
+            metrics = pipe.get_all_metrics()
+    assert all(v.dim() == 0 and not v.requires_grad and v.is_cuda for v in metrics.values())
+
+
+@contextlib.contextmanager
+def _cuda_sync_error():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ---- acceptance 20: the seed's custom modifier --------------------------------------------------------------------
 
 class CustomModifier(BaseLossModifier):

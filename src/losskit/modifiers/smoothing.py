@@ -163,7 +163,8 @@ class TargetSmoothingModifier(BaseLossModifier):
             self._metrics = {
                 "original_loss": torch.where(ctx.valid, stats.nll.detach(), zero).sum() / n,
                 "smoothed_loss": ell.detach().sum() / n,
-                "smoothing_factor": torch.tensor(self.factor, dtype=ell.dtype, device=ell.device),
+                # a fill, not torch.tensor(...): no host-to-device copy inside the step
+                "smoothing_factor": torch.full((), self.factor, dtype=ell.dtype, device=ell.device),
                 "valid_positions": ctx.num_valid.detach().to(ell.dtype),
             }
         return ell
