@@ -754,3 +754,14 @@ def test_entropy_debug_line(caplog):
     msg = record.getMessage()
     assert "iter=12" in msg and "valid=4" in msg and "weight=0.795763" in msg and "clamped=0" in msg
     assert "H_bar[:8]=[1.002286, 0.589241]" in msg
+
+
+def test_incoming_loss_check_uses_the_local_mean_under_global_tokens():
+    logits, targets = mask_ratio_example()
+    sc = make_step_counts([targets, targets])  # the step holds this micro-batch twice
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = pipe_of(SMO).modify_loss(logits, targets, plain, step_counts=sc)
+    whole = pipe_of(SMO).modify_loss(logits, targets, None)
+    torch.testing.assert_close(got, whole / 2, rtol=1e-12, atol=0)

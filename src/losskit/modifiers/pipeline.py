@@ -337,7 +337,7 @@ class LossModifierPipeline:
             bad = bad.any()
         if self.input_checks == "immediate":
             self._host_checks(orig_logits, orig_targets, base_valid.reshape(orig_targets.shape), ctx, bad, incoming,
-                              loss_raw, mods)
+                              mods)
         self.last_bad = bad
         # phase 4: user scalar modifiers, in insertion order
         phase4_mask = valid.reshape(orig_targets.shape)
@@ -391,14 +391,17 @@ class LossModifierPipeline:
             loss = out
         return loss
 
-    def _host_checks(self, logits, targets, base_valid, ctx, bad, incoming, loss_raw, mods) -> None:
+    def _host_checks(self, logits, targets, base_valid, ctx, bad, incoming, mods) -> None:
         """Immediate mode: one host read for bad input, the empty batch and (first call) the incoming loss."""
         flags = [bad, ctx.num_valid == 0]
         check_incoming = (not self._checked_incoming and isinstance(incoming, torch.Tensor)
                           and incoming.numel() == 1)
         if check_incoming:
-            given = incoming.detach().reshape(()).to(loss_raw.dtype)
-            flags += [(given - loss_raw).abs() > 1e-3 * loss_raw.abs(), given, loss_raw]
+            # The caller's loss is a local token mean whatever the step normalisation, so compare like with like.
+            stats = ctx.stats
+            local = reduce.masked_mean(stats.nll.detach(), stats.valid)
+            given = incoming.detach().reshape(()).to(local.dtype)
+            flags += [(given - local).abs() > 1e-3 * local.abs(), given, local]
             self._checked_incoming = True
         values = torch.stack([f.to(torch.float64) for f in flags]).tolist()
         if values[0]:
