@@ -765,3 +765,22 @@ def test_incoming_loss_check_uses_the_local_mean_under_global_tokens():
         got = pipe_of(SMO).modify_loss(logits, targets, plain, step_counts=sc)
     whole = pipe_of(SMO).modify_loss(logits, targets, None)
     torch.testing.assert_close(got, whole / 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("convention", ["torch", "fairseq"])
+@pytest.mark.parametrize("ignore_index", [-100, 5])
+def test_convention_and_ignore_index_reach_every_modifier(convention, ignore_index):
+    logits, targets, mask = random_batch(F64, seed=13)
+    targets = torch.where(targets == -100, ignore_index, targets)
+    pipe = pipe_of(ENT, SMO, MR, target_smoothing_convention=convention, target_smoothing_special_tokens=[1, 2],
+                   target_smoothing_factor=0.3, target_smoothing_padding_token=0)
+    x = logits.clone().requires_grad_(True)
+    loss = pipe.modify_loss(x, targets, None, mask=mask, ignore_index=ignore_index)
+    loss.backward()
+    ref_x = logits.clone().requires_grad_(True)
+    ref = oracle.hand_loss(ref_x, targets, mask=mask, ignore_index=ignore_index,
+                           smoothing={"factor": 0.3, "special": (1, 2), "pad": 0, "convention": convention},
+                           entropy={"threshold": 0.5}, mask_ratio={})
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-15)
