@@ -27,10 +27,12 @@ def test_peak_rss_sees_a_touched_allocation_and_nothing_else():
     def allocate():
         kept.append(torch.ones(size // 4, dtype=torch.float32))  # ones() touches every page
 
+    # Slack below: pages the allocator keeps resident (and the interpreter's own) may absorb a few hundred KiB.
+    low, high = size - 4 * memory.MIB, size + 16 * memory.MIB
     extra = memory.host_peak_extra_bytes(allocate)
-    assert size <= extra <= size + 16 * memory.MIB
+    assert low <= extra <= high
     kept.clear()
     # A temporary that is freed again still counts: the method reads the peak, not the end state.
     extra_tmp = memory.host_peak_extra_bytes(lambda: torch.ones(size // 4).sum())
-    assert size <= extra_tmp <= size + 16 * memory.MIB
+    assert low <= extra_tmp <= high
     assert memory.host_peak_extra_bytes(lambda: None) < 4 * memory.MIB

@@ -210,7 +210,8 @@ def losskit_pipeline(
     with torch.no_grad():
         beta = entropy_batch_weight(st.wrong_entropy, st.valid, cfg)
         w = mask_ratio_weight(st.valid, cfg, st.nll.dtype)
-    return reduce.sequence_mean(beta * token_weight * token_loss, st.valid, seq_weight=w)
+    # token_weight first: a 0-d fp64 beta times an fp32 tensor would round the product to fp32.
+    return reduce.sequence_mean(token_weight.to(token_loss.dtype) * beta * token_loss, st.valid, seq_weight=w)
 
 
 def losskit_eager(
