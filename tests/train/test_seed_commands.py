@@ -95,6 +95,7 @@ def test_seed_command_line(workdir, capsys, tiny_argv, k):
         assert "data/custom_text" in out
 
 
+@pytest.mark.slow
 def test_train_py_shim_runs_verbatim_as_a_process(workdir, tiny_argv):
     # the shim is the same command as `losskit train`; run it as the seed does, from the repository root
     proc = subprocess.run(
