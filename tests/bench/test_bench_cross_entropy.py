@@ -35,6 +35,7 @@ CPU_TORCH_ROWS = {
 }
 CPU_LOSSKIT_ROWS = {
     "losskit chunked label_smoothing=0.1",
+    "losskit chunked modifier pipeline (seed 000, no z-loss)",
     "losskit torch all features (pipeline)",
     "losskit torch all features (eager)",
     "losskit chunked all features (pipeline)",

@@ -251,6 +251,26 @@ def test_losskit_eager_matches_reference(impl, inplace, upstream):
     _grad_close(x.grad, x64.grad, 1e-5)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "in_place"])
+def test_modifier_pipeline_matches_reference_without_z_loss(inplace):
+    _kernels()
+    pytest.importorskip("losskit.modifiers.pipeline")
+    import dataclasses
+
+    logits, target, u = problem(b=3, t=6, v=300, dtype=torch.float32)
+    target[2] = -100
+    cfg = losses.AllFeatures()
+    pipeline = losses.modifier_pipeline(cfg, 300)
+    x = logits.clone().requires_grad_(True)
+    loss = losses.losskit_modifier_pipeline(pipeline, x, target, u, impl="chunked", inplace_grad=inplace)
+    loss.backward()
+    x64 = logits.double().requires_grad_(True)
+    ref = losses.all_features_reference(x64, target, u, dataclasses.replace(cfg, z_loss=0.0))
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    _grad_close(x.grad, x64.grad, 1e-5)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_losskit_cross_entropy_is_torch_cross_entropy(label_smoothing):
     _kernels()

@@ -267,6 +267,34 @@ def _pipeline(impl: str, inplace: bool) -> LossFn:
     return lambda p, x: losses.losskit_pipeline(x, p.target, p.token_weight, p.cfg, impl=impl, inplace_grad=inplace)
 
 
+@functools.cache
+def _modifier_pipeline(cfg: losses.AllFeatures, num_classes: int):
+    return losses.modifier_pipeline(cfg, num_classes)
+
+
+def _modifiers(impl: str, inplace: bool) -> LossFn:
+    def loss(p: Problem, x: torch.Tensor) -> torch.Tensor:
+        pipeline = _modifier_pipeline(p.cfg, p.num_classes)
+        return losses.losskit_modifier_pipeline(pipeline, x, p.target, p.token_weight, impl=impl, inplace_grad=inplace)
+
+    return loss
+
+
+def _modifiers_oracle(p: Problem, x: torch.Tensor) -> torch.Tensor:
+    return losses.all_features_reference(x, p.target, p.token_weight, dataclasses.replace(p.cfg, z_loss=0.0))
+
+
+@functools.cache
+def _modifiers_missing() -> str | None:
+    if _kernels_missing():
+        return _kernels_missing()
+    try:
+        from losskit.modifiers import LossModifierPipeline  # noqa: F401
+    except ImportError:
+        return "losskit.modifiers.LossModifierPipeline not available"
+    return None
+
+
 def _eager(impl: str, inplace: bool, upstream: float = 1.0) -> LossFn:
     def loss(p: Problem, x: torch.Tensor) -> torch.Tensor:
         coeff, denominator = p.eager_weights()
@@ -301,7 +329,13 @@ def _seed_oracle(p: Problem, x: torch.Tensor) -> torch.Tensor:
 
 def _all_features_entries(impl: str, skip, skip_inplace) -> list[Entry]:
     label = impl.split(".")[-1]
+
+    def skip_modifiers(device: torch.device) -> str | None:
+        return skip(device) or _modifiers_missing()
+
     return [
+        Entry(f"losskit {label} modifier pipeline (seed 000, no z-loss)", impl, "pipeline", False,
+              _modifiers(label, False), _modifiers_oracle, skip_modifiers),
         Entry(f"losskit {label} all features (pipeline)", impl, "pipeline", False,
               _pipeline(label, False), _pipeline_oracle, skip),
         Entry(f"losskit {label} all features (pipeline, in place)", impl, "pipeline", True,

@@ -214,6 +214,55 @@ def losskit_pipeline(
     return reduce.sequence_mean(token_weight.to(token_loss.dtype) * beta * token_loss, st.valid, seq_weight=w)
 
 
+def modifier_pipeline(cfg: AllFeatures, num_classes: int):
+    """seed 000's ``LossModifierPipeline`` with smoothing (ε, special tokens E), entropy (τ) and mask-ratio weights,
+    plus a user phase-2 modifier that contributes the per-token weights (passed as the ``token_weight`` extra).
+
+    It cannot express the z-loss (no modifier adds one), so its oracle is ``all_features_reference`` at λ = 0.
+    Deferred input checks: the trainer's path, with no host read inside the step.
+    """
+    from losskit.modifiers import EntropyModifier, LossModifierPipeline, MaskRatioWeightModifier, TargetSmoothingModifier
+    from losskit.modifiers.base import BaseLossModifier, Weights
+
+    class TokenWeightModifier(BaseLossModifier):
+        """Phase 2: the caller's per-token weights u_it, read from ``ctx.extras['token_weight']``."""
+
+        def modify_loss(self, logits, targets, loss, **kwargs):
+            return loss
+
+        def get_metrics(self):
+            return {}
+
+        def weights(self, ctx):
+            return Weights(token=ctx.extras["token_weight"])
+
+    return LossModifierPipeline(
+        [
+            TargetSmoothingModifier({"enabled": True, "factor": cfg.label_smoothing,
+                                     "special_tokens": list(cfg.excluded_ids(num_classes)), "convention": "torch"}),
+            EntropyModifier({"enabled": True, "weight": cfg.entropy_weight, "threshold": cfg.entropy_threshold,
+                             "eps": cfg.entropy_eps}),
+            MaskRatioWeightModifier({"enabled": True, "power": cfg.mask_ratio_power, "min": cfg.mask_ratio_min,
+                                     "max": cfg.mask_ratio_max, "eps": cfg.mask_ratio_eps}),
+            TokenWeightModifier({"enabled": True}),
+        ],
+        input_checks="deferred",
+    )
+
+
+def losskit_modifier_pipeline(
+    pipeline, logits: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor, *, impl: str,
+    inplace_grad: bool = False,
+) -> torch.Tensor:
+    """``pipeline.compute(...)`` (the trainer's path) on the pipeline built by ``modifier_pipeline``.
+
+    Plain torch equivalent: ``all_features_reference(logits, target, token_weight, replace(cfg, z_loss=0))``.
+    """
+    return pipeline.compute(
+        logits, target, ignore_index=IGNORE_INDEX, impl=impl, inplace_grad=inplace_grad, token_weight=token_weight
+    ).loss
+
+
 def losskit_eager(
     logits: torch.Tensor,
     target: torch.Tensor,
