@@ -243,17 +243,16 @@ class CrossEntropyLoss(BaseLoss):
     def _deferred(self, logits, target, mask, token_weight, count) -> torch.Tensor:
         """The no-sync path: ``kernels.fused_token_loss`` with the denominator passed as its normalizer."""
         valid = validity_mask(target, ignore_index=self.ignore_index, mask=mask)
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # the kernels' accumulation dtype
         if self.reduction == "mean":
             if count is None:
-                denominator = reduce.normalizer(
-                    valid, weight=token_weight, normalize=self.normalize, dtype=torch.float32
-                )
+                denominator = reduce.normalizer(valid, weight=token_weight, normalize=self.normalize, dtype=dtype)
             else:
-                denominator = torch.as_tensor(count, dtype=torch.float32, device=logits.device)
+                denominator = torch.as_tensor(count, dtype=dtype, device=logits.device)
             positive = denominator > 0
             normalizer = torch.where(positive, denominator, torch.ones_like(denominator))
         else:
-            positive, normalizer = None, 1.0
+            positive, normalizer = None, None
         fused = kernels.fused_token_loss(
             logits,
             target,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from losskit import functional, kernels, losses
 from losskit.contract import ConfigError
+from losskit.functional import temporal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,5 +98,34 @@ register(
         fn=functional.wrong_answer_entropy,
         required_inputs=("logits", "target"),
         description="entropy H(q) of the distribution renormalised over the wrong answers (seed 000)",
+    )
+)
+# Seed 003 (DynVision) temporal losses, spec/temporal.md §2-§4. ``energy_loss``/``activity_loss`` are hook-based:
+# their one input is the recorded activation, so ``CombinedLoss`` passes them no tensors.
+register(
+    LossSpec(
+        name="cross_entropy_loss",
+        fn=kernels.cross_entropy,
+        required_inputs=("logits", "target"),
+        description="temporal cross-entropy averaged over valid timesteps (seed 003; ignore_index=-1)",
+        module=losses.CrossEntropyLoss,
+    )
+)
+register(
+    LossSpec(
+        name="energy_loss",
+        fn=temporal.energy_term,
+        required_inputs=("activation",),
+        description="activation energy ||a||_p / n_units over hooked Conv/Linear modules (seed 003)",
+        module=losses.EnergyLoss,
+    )
+)
+register(
+    LossSpec(
+        name="activity_loss",
+        fn=temporal.energy_term,
+        required_inputs=("activation",),
+        description="energy over modules marked with losskit.hooks.monitor_energy (EnergyLoss, select='marked')",
+        module=losses.ActivityLoss,
     )
 )
