@@ -293,9 +293,10 @@ def stats_pass(
             if single:
                 # ws.b holds e^{z − m}; p_j = e^{z_j − m}·e^{m − L¬}·(1 − p_y) = e^{z_j − m}·(1 − p_y)/d.
                 scale = torch.where(state.d > 0, co.alpha / torch.where(state.d > 0, state.d, 1.0), 0.0)
-                _write_grad(ws.b[:rows], dst, scale, None, co, tgt, None, prep, 0, v, sanitize=True)
+                _write_grad(ws.b[:rows], dst, scale, None, None, co, tgt, None, prep, 0, v, sanitize=True)
             else:
-                _grad_chunk(src, dst, ws, rows, rs.shift, co, tgt, prep, plan, ch.r0, ch.r1)
+                scale, beta = rowmath.shifted_coefficients(co, rs)
+                _grad_chunk(src, dst, ws, rows, rs.shift, scale, beta, co, tgt, prep, plan, ch.r0, ch.r1)
     rs = rowmath.finalize(m_all, d_all, s_all, a_all, val_all, idx_all, zy_all, prep.target, prep.support.count)
     return rs, d_all
 
@@ -309,6 +310,7 @@ def _write_grad(
     q: torch.Tensor,
     dst: torch.Tensor,
     scale: torch.Tensor,
+    beta: torch.Tensor | None,
     u: torch.Tensor | None,
     co: rowmath.GradCoefficients,
     target: torch.Tensor,
@@ -326,9 +328,9 @@ def _write_grad(
     """
     vb = c1 - c0
     qb = q[:, :vb]
-    if u is not None and co.beta is not None:
+    if u is not None and beta is not None:
         ub = u[:, :vb]
-        ub.mul_(co.beta[:, None]).add_(scale[:, None])
+        ub.mul_(beta[:, None]).add_(scale[:, None])
         qb.mul_(ub)
     else:
         qb.mul_(scale[:, None])
@@ -354,6 +356,8 @@ def _grad_chunk(
     ws: _Workspace,
     rows: int,
     shift: torch.Tensor,
+    scale: torch.Tensor,
+    beta: torch.Tensor | None,
     co: rowmath.GradCoefficients,
     target: torch.Tensor,
     prep: Prepared,
@@ -361,7 +365,10 @@ def _grad_chunk(
     r0: int,
     r1: int,
 ) -> None:
-    """G for rows ``[r0, r1)`` from the saved row constants, block by block (deferred mode's backward)."""
+    """G for rows ``[r0, r1)`` from the saved row constants, block by block (deferred mode's backward).
+
+    ``G_j = e^{z_j − shift}·(scale + beta·(z_j − shift)) + γ[j∈A]`` (see ``rowmath.shifted_coefficients``).
+    """
     validf = prep.valid[r0:r1].to(prep.dtype)[:, None]
     single = len(plan.blocks) == 1
     for c0, c1 in plan.blocks:
@@ -378,15 +385,16 @@ def _grad_chunk(
         else:
             local = target - c0
             pb = (local, (local >= 0) & (local < vb))
-        _write_grad(wb, dst[..., c0:c1], co.alpha, wa if co.beta is not None else None, co, target, pb, prep, c0, c1)
+        _write_grad(wb, dst[..., c0:c1], scale, beta, wa if beta is not None else None, co, target, pb, prep, c0, c1)
 
 
 def grad_pass(
-    logits: torch.Tensor, out: torch.Tensor, prep: Prepared, plan: Plan, shift: torch.Tensor, co: rowmath.GradCoefficients
+    logits: torch.Tensor, out: torch.Tensor, prep: Prepared, plan: Plan, rs: RowStats, co: rowmath.GradCoefficients
 ) -> None:
     """Write G for every row into ``out`` (shaped like ``logits``; may be ``logits`` itself)."""
     n = prep.valid.numel()
     ws = _Workspace(plan, n, prep.dtype, logits.device)
+    scale, beta = rowmath.shifted_coefficients(co, rs)
     for ch in _chunks(logits, plan.rows_per_chunk):
         sl = slice(ch.r0, ch.r1)
         rco = rowmath.GradCoefficients(
@@ -396,7 +404,10 @@ def grad_pass(
             g_target=co.g_target[sl],
         )
         # In place, src and dst are the same storage: each block is read into the workspace before it is written.
-        _grad_chunk(ch.view(logits), ch.view(out), ws, ch.rows, shift[sl], rco, prep.target[sl], prep, plan, ch.r0, ch.r1)
+        _grad_chunk(
+            ch.view(logits), ch.view(out), ws, ch.rows, rs.shift[sl], scale[sl], None if beta is None else beta[sl],
+            rco, prep.target[sl], prep, plan, ch.r0, ch.r1,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -468,7 +479,7 @@ def _masked_constants(rs: RowStats, valid: torch.Tensor) -> RowStats:
     return RowStats(
         lse=m(rs.lse), target_logit=zero, nll=m(rs.nll), log1m=m(rs.log1m), a_over_k=zero,
         entropy=m(rs.entropy), wrong_entropy=m(rs.wrong_entropy), argmax=rs.argmax, shift=m(rs.shift),
-        p_y=m(rs.p_y), one_minus_p_y=m(rs.one_minus_p_y),
+        log_d=m(rs.log_d), inv_d=m(rs.inv_d), p_y=m(rs.p_y), one_minus_p_y=m(rs.one_minus_p_y),
     )
 
 
@@ -524,7 +535,7 @@ class TokenStatsFunction(torch.autograd.Function):
         )
         co = _mask_coefficients(co, valid)
         out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_pass(logits, out, prep, ctx.plan, ctx.rs.shift, co)
+        grad_pass(logits, out, prep, ctx.plan, ctx.rs, co)
         if ctx.inplace:
             torch.autograd.graph.increment_version(logits)
         return out, None, None, None

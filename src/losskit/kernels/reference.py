@@ -7,11 +7,17 @@ here (they are permissions and hints for the fast paths, never semantics).
 
 Per row, with ``lp = log_softmax(z)`` and ``zq`` = z with the target column at −∞::
 
-    lse = logsumexp(z);  target_logit = z_y;  nll = −lp_y
-    log1m_target_prob = logsumexp(zq) − lse
+    lse = logsumexp(z);  target_logit = z_y;  L¬ = logsumexp(zq)
+    nll = logaddexp(L¬ − z_y, 0)             # = −lp_y
+    log1m_target_prob = −logaddexp(z_y − L¬, 0)  # = logsumexp(zq) − lse
     support_mean_logit = Σ_{i∈A} z_i / K
     entropy = functional.entropy(z);  wrong_entropy = functional.wrong_answer_entropy(z, y)
     argmax = torch.argmax(z)
+
+``nll`` and ``log1m_target_prob`` are written with ``logaddexp(·, 0)`` (a stable softplus) rather than
+as ``−lp_y`` and ``logsumexp(zq) − lse``: same values, but autograd then gives the target gradient as
+``−(1 − p_y)`` instead of ``p_y − 1``, which in fp64 rounds to 0 beyond a 37-nat margin (§3.6 rule 2), and
+an oracle must be more accurate than what it judges.
 
 and the fused loss (§3.3) in the dense-sum form the functional oracle uses:
 ``(1 − ε_t)·nll + ε_t·(−Σ_{c∈A_t} lp_c)/K_t + λ·lse²``.
@@ -26,6 +32,12 @@ from losskit.kernels.chunked import StatFields
 from losskit.kernels.prepare import Prepared, Smoothing
 
 _NEG_INF = float("-inf")
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """``ln(1 + e^x)`` as ``logaddexp(x, 0)``: stable in value and, unlike ``max(x,0) + log1p(e^{−|x|})``,
+    with the exact autograd derivative ``sigmoid(x)`` at ``x = 0`` too."""
+    return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _rows(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
@@ -47,9 +59,10 @@ def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torc
     lse = torch.logsumexp(z, dim=-1)
     lp = z - lse[:, None]
     zy = z.gather(-1, tgt)[:, 0]
-    nll = -lp.gather(-1, tgt)[:, 0]
     zq = z.scatter(-1, tgt, _NEG_INF)
-    log1m = torch.logsumexp(zq, dim=-1) - lse
+    lneg = torch.logsumexp(zq, dim=-1)
+    nll = softplus(lneg - zy)
+    log1m = -softplus(zy - lneg)
     k = prep.num_support
     if k == 0:
         support_mean = zy

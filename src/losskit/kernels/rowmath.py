@@ -95,7 +95,9 @@ class RowStats:
     entropy: torch.Tensor
     wrong_entropy: torch.Tensor
     argmax: torch.Tensor
-    shift: torch.Tensor  # L¬ where finite, else 0: the backward computes q = e^{z − shift}
+    shift: torch.Tensor  # m (0 when no finite non-target logit): the backward forms e^{z − m} exactly
+    log_d: torch.Tensor  # ln d (0 when d = 0)
+    inv_d: torch.Tensor  # 1/d (0 when d = 0), so q = e^{z − L¬} = e^{z − m}·(1/d)
     p_y: torch.Tensor  # e^{−sp₋}
     one_minus_p_y: torch.Tensor  # e^{−sp₊}
 
@@ -139,7 +141,6 @@ def finalize(
     y_wins = (zy_c > amax_val) | ((zy_c == amax_val) & (target < amax_idx))
     y_wins = y_wins | (torch.isnan(target_logit) & (~torch.isnan(amax_val) | (target < amax_idx)))
     argmax = torch.where(y_wins, target, amax_idx)
-    shift = torch.where(torch.isfinite(lneg), lneg, zero)
     return RowStats(
         lse=lse,
         target_logit=target_logit,
@@ -149,10 +150,23 @@ def finalize(
         entropy=entropy,
         wrong_entropy=wrong_entropy,
         argmax=argmax,
-        shift=shift,
+        shift=m,
+        log_d=torch.where(has_wrong, torch.log(d_safe), zero),
+        inv_d=torch.where(has_wrong, 1.0 / d_safe, zero),
         p_y=p_y,
         one_minus_p_y=om,
     )
+
+
+def shifted_coefficients(co: "GradCoefficients", rs: RowStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewrite ``q·(α + β·u)`` with ``u = z − L¬`` in terms of ``w = z − m`` (exact near the max).
+
+    ``u = w − ln d`` and ``q = e^{w}/d``, so ``G = e^{w}·(scale + beta'·w)`` with
+    ``scale = (α − β·ln d)/d`` and ``beta' = β/d``. Shifting by ``L¬`` itself would round it to the ulp of a
+    large logit (1e-3 at |z| ≈ 1e4) and lose that much relative precision in every p_j.
+    """
+    alpha = co.alpha if co.beta is None else co.alpha - co.beta * rs.log_d
+    return alpha * rs.inv_d, None if co.beta is None else co.beta * rs.inv_d
 
 
 @dataclasses.dataclass
