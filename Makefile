@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: setup
-	$(BIN)/losskit bench --cpu --quick
+	$(BIN)/losskit train
 
 test: setup
 	$(BIN)/python -m pytest -q

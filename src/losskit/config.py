@@ -188,7 +188,7 @@ class CommonTrainConfig:
     dropout: float = _key(0.0, "attention dropout", check=lambda v: 0 <= v < 1, constraint="in [0, 1)")
     bias: bool = _key(False, "biases in linear layers (export: attention_bias and mlp_bias)")
     learning_rate: float = _key(3e-3, "peak learning rate (AdamW)", check=_POS[0], constraint="> 0")
-    max_iters: int = _key(600, "optimizer steps", check=_NONNEG[0], constraint=">= 0")
+    max_iters: int = _key(500, "optimizer steps", check=_NONNEG[0], constraint=">= 0")
     weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)", check=_NONNEG[0], constraint=">= 0")
     beta1: float = _key(0.9, "AdamW beta1", check=lambda v: 0 <= v < 1, constraint="in [0, 1)")
     beta2: float = _key(0.99, "AdamW beta2", check=lambda v: 0 <= v < 1, constraint="in [0, 1)")

@@ -163,3 +163,23 @@ def test_metrics_jsonl_rows_are_json(tmp_path, tiny_config):
     lm.run(tiny_config(tmp_path, iters=2), progress=False)
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         assert isinstance(json.loads(line)["step"], int)
+
+
+def test_pinned_short_run_trajectory(tmp_path, tiny_config):
+    """Regression pin: the tiny config's first 8 train losses and final val loss (seed 1337, CPU, fp32)."""
+    s = lm.run(tiny_config(tmp_path, "--eval_interval=100", iters=8), progress=False)
+    losses = [r["train/loss"] for r in s["history"] if "train/loss" in r]
+    pinned = [5.587877, 5.541087, 5.567199, 5.529237, 5.505692, 5.47904, 5.463324, 5.457317]
+    assert losses == pytest.approx(pinned, rel=2e-3)
+    assert s["val_loss"] == pytest.approx(5.433079, rel=2e-3)
+
+
+@pytest.mark.slow
+def test_default_config_beats_the_unigram_baseline_quickly(tmp_path):
+    """The default model and data with a reduced max_iters: val loss drops below the unigram baseline."""
+    from losskit.config import build_train_config
+
+    cfg = build_train_config({"out_dir": str(tmp_path / "run"), "max_iters": 40, "eval_interval": 40,
+                              "eval_iters": 4, "log_interval": 20, "device": "cpu"})
+    s = lm.run(cfg, progress=False)
+    assert s["val_loss"] < s["unigram_baseline"]
