@@ -1,7 +1,6 @@
 """export (logits equal to the project model), sample, plot and compare on a tiny trained run."""
 
 import csv
-import pathlib
 
 import pytest
 import torch

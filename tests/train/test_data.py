@@ -5,7 +5,13 @@ import torch
 
 from losskit.contract import ConfigError
 from losskit.train.data import (
-    IGNORE_INDEX, BatchSampler, Document, document_tokens, embedded_documents, load_lm_data, make_sequences,
+    IGNORE_INDEX,
+    BatchSampler,
+    Document,
+    document_tokens,
+    embedded_documents,
+    load_lm_data,
+    make_sequences,
     user_documents,
 )
 from losskit.train.tokenizer import BOS_ID, EOS_ID, PAD_ID

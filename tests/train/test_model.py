@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from losskit.train.model import LlamaLM, ModelConfig, apply_rope, hf_llama_config_dict, rope_cos_sin, swiglu_hidden_size
+from losskit.train.model import (
+    LlamaLM,
+    ModelConfig,
+    apply_rope,
+    hf_llama_config_dict,
+    rope_cos_sin,
+    swiglu_hidden_size,
+)
 
 TINY = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=swiglu_hidden_size(32), block_size=16)
 

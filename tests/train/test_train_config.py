@@ -6,20 +6,21 @@ import pathlib
 import pytest
 
 from losskit.config import (
-    TRAIN_CONFIGS, CommonTrainConfig, DiffusionTrainConfig, LMTrainConfig, TemporalTrainConfig, build_train_config,
-    load_config, train_config_keys,
+    TRAIN_CONFIGS,
+    CommonTrainConfig,
+    DiffusionTrainConfig,
+    LMTrainConfig,
+    TemporalTrainConfig,
+    build_train_config,
+    load_config,
+    train_config_keys,
 )
 from losskit.contract import ConfigError
 from losskit.modifiers import MODIFIER_CONFIG_KEYS
 from losskit.train.cli import help_text, main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-NANOGPT_KEYS = (
-    "out_dir eval_interval log_interval eval_iters eval_only always_save_checkpoint init_from wandb_log wandb_project "
-    "wandb_run_name dataset gradient_accumulation_steps batch_size block_size n_layer n_head n_embd dropout bias "
-    "learning_rate max_iters weight_decay beta1 beta2 grad_clip decay_lr warmup_iters lr_decay_iters min_lr backend "
-    "device dtype compile"
-).split() + ["task", "data", "seed", "loss_normalize", "on_nonfinite_logits", "tensorboard_log"]
+NANOGPT_KEYS = ["out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "dataset", "gradient_accumulation_steps", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "learning_rate", "max_iters", "weight_decay", "beta1", "beta2", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "backend", "device", "dtype", "compile"] + ["task", "data", "seed", "loss_normalize", "on_nonfinite_logits", "tensorboard_log"]
 
 
 def test_every_task_dataclass_holds_common_task_and_modifier_keys():

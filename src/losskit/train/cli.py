@@ -11,7 +11,13 @@ import dataclasses
 import sys
 import textwrap
 
-from losskit.config import TRAIN_CONFIGS, CommonTrainConfig, build_train_config, load_config, train_config_keys
+from losskit.config import (
+    TRAIN_CONFIGS,
+    CommonTrainConfig,
+    build_train_config,
+    load_config,
+    train_config_keys,
+)
 from losskit.contract import ConfigError, LossInputError
 from losskit.train.tasks import TASK_DESCRIPTIONS, run_task
 
