@@ -283,10 +283,8 @@ class EnergyRecorder:
                 self.clear()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a destructor must never raise
             self.remove_hooks()
-        except Exception:  # noqa: BLE001 - a destructor must never raise
-            pass
 
     # -- combination -------------------------------------------------------------------------------------------
 

@@ -367,10 +367,8 @@ class EnergyLoss(BaseLoss):
         return self.apply_reduction(energy)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a destructor must never raise
             self._recorder.remove_hooks()
-        except Exception:  # noqa: BLE001 - a destructor must never raise
-            pass
 
     def extra_repr(self) -> str:
         r = self._recorder

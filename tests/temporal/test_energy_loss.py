@@ -258,11 +258,10 @@ def test_unequal_count_warning_once_per_distinct_set():
 def test_exception_inside_recording_removes_hooks_and_clears():
     model = hand_model()
     loss = EnergyLoss()
-    with pytest.raises(RuntimeError, match="boom"):
-        with loss.recording(model):
-            model(X0)
-            assert all_hooks(model) == 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), loss.recording(model):
+        model(X0)
+        assert all_hooks(model) == 2
+        raise RuntimeError("boom")
     assert all_hooks(model) == 0
     assert all(not m._forward_hooks for m in model.modules())
     assert not loss._recorder.recorded
@@ -301,10 +300,10 @@ def test_forward_outside_recording_leaves_no_trace():
 def test_batch_size_change_in_window_raises():
     model = hand_model()
     loss = EnergyLoss()
-    with pytest.raises(LossInputError, match=r"'0'.*batch size 3, expected 2.*another forward"):
-        with loss.recording(model):
-            model(torch.randn(2, 2))
-            model(torch.randn(3, 2))
+    with pytest.raises(LossInputError, match=r"'0'.*batch size 3, expected 2.*another forward"), \
+            loss.recording(model):
+        model(torch.randn(2, 2))
+        model(torch.randn(3, 2))
     assert all_hooks(model) == 0
     loss.register_hooks(model)
     model(torch.randn(2, 2))
@@ -422,15 +421,13 @@ def test_nested_recording_and_recording_over_registered_hooks_raise():
     loss = EnergyLoss()
     with loss.recording(model) as handle:
         assert handle is loss
-        with pytest.raises(RuntimeError, match="nested"):
-            with loss.recording(model):
-                pass
+        with pytest.raises(RuntimeError, match="nested"), loss.recording(model):
+            pass
         with pytest.raises(RuntimeError, match="inside recording"):
             loss.register_hooks(model)
     loss.register_hooks(model)
-    with pytest.raises(RuntimeError, match="register_hooks"):
-        with loss.recording(model):
-            pass
+    with pytest.raises(RuntimeError, match="register_hooks"), loss.recording(model):
+        pass
     loss.remove_hooks()
     assert all_hooks(model) == 0
 
@@ -490,7 +487,7 @@ class Net(nn.Module):
 
 def test_selection_rules():
     net = Net()
-    names = lambda **kw: [n for n, _ in select_modules(net, **kw)]  # noqa: E731
+    names = lambda **kw: [n for n, _ in select_modules(net, **kw)]
     assert names() == ["conv_in", "conv_rec", "readout", "block.0", "block.1"]
     assert names(exclude=["readout", "block.*"]) == ["conv_in", "conv_rec"]
     assert names(select="marked") == []

@@ -181,7 +181,7 @@ def test_large_energy_weight_fires_rule_2(tmp_path, capsys):
     assert train_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "Weighted Energy (100)" in out
-    assert re.search(r"^! warning sign \(epoch 1\): weighted energy .* > CrossEntropy .*dominates", out, re.M)
+    assert re.search(r"^! warning sign \(epoch 1\): weighted energy .* > CrossEntropy .*dominates", out, re.MULTILINE)
     with open(tmp_path / "metrics.csv", newline="") as handle:
         train_row = next(csv.DictReader(handle))
     assert "dominates" in train_row["warnings"]

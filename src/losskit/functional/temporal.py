@@ -52,7 +52,7 @@ def parse_pattern(pattern: str | Sequence[int | bool]) -> tuple[int, ...]:
             almost always a quoting mistake) or any other non-sequence type.
         ValueError: empty, a character or element other than 0/1, or no 1 at all.
     """
-    if isinstance(pattern, bool) or isinstance(pattern, int):
+    if isinstance(pattern, (bool, int)):
         raise TypeError(
             f"pattern must be a string of 0/1 or a sequence of 0/1, got the int {pattern!r}; quote the pattern "
             "(YAML reads 0101 as the octal number 65 and 0011 as 9)"
