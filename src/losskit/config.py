@@ -261,6 +261,7 @@ class TemporalTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
     noise_std: float = _key(0.5, "stimulus noise standard deviation", check=_NONNEG[0], constraint=">= 0")
     channels: int = _key(16, "feature channels", check=_POS[0], constraint="> 0")
     criterion: list | None = _key(None, "weighted loss list (spec/temporal.md §4); None = CE + 0.05 energy")
+    num_threads: int | None = _key(1, "torch intra-op threads on CPU (None = torch's default)")
     energy_weight: float | None = _key(None, "overrides the weight of the energy_loss criterion entry")
 
 

@@ -25,6 +25,7 @@ from losskit.modifiers.factory import (
 from losskit.modifiers.mask_ratio import MaskRatioWeightModifier, mask_ratio_weights
 from losskit.modifiers.pipeline import LossModifierPipeline
 from losskit.modifiers.smoothing import TargetSmoothingModifier, smoothed_token_loss
+from losskit.modifiers.snr import SNRWeightModifier
 
 __all__ = [
     "MODIFIER_CONFIG_KEYS",
@@ -35,6 +36,7 @@ __all__ = [
     "MaskRatioWeightModifier",
     "ModifiedLoss",
     "ModifierContext",
+    "SNRWeightModifier",
     "TargetSmoothingModifier",
     "Weights",
     "coerce_value",

@@ -8,7 +8,6 @@ ignored here.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,13 +26,13 @@ from losskit.modifiers.entropy import EntropyModifier
 from losskit.modifiers.mask_ratio import MaskRatioWeightModifier
 from losskit.modifiers.pipeline import LossModifierPipeline, _is_rank0
 from losskit.modifiers.smoothing import TargetSmoothingModifier
+from losskit.modifiers.snr import SNRWeightModifier
 
 __all__ = ["create_loss_modifier_pipeline", "register_modifier", "registered_modifiers", "unregister_modifier"]
 
 _REGISTRY: dict[str, type[BaseLossModifier]] = {}
 
 #: SNRWeightModifier (spec/diffusion.md §8) takes the flat keys unstripped; it lives in its own module.
-_SNR_CLASS = "losskit.modifiers.snr:SNRWeightModifier"
 
 
 def register_modifier(cls: type[BaseLossModifier], prefix: str) -> type[BaseLossModifier]:
@@ -70,15 +69,7 @@ def _strip(values: Mapping[str, Any], owner: str, prefix: str) -> dict[str, Any]
 
 
 def _snr_modifier(values: Mapping[str, Any]) -> BaseLossModifier:
-    module_name, cls_name = _SNR_CLASS.split(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"loss_weighting={values['loss_weighting']!r} needs SNRWeightModifier ({_SNR_CLASS}), which this "
-            f"installation does not provide: {exc}"
-        ) from exc
-    return cls({k: values[k] for k in section("SNRWeightModifier")})
+    return SNRWeightModifier({k: values[k] for k in section("SNRWeightModifier")})
 
 
 def create_loss_modifier_pipeline(
