@@ -76,3 +76,9 @@ def support_set(excluded: tuple[int, ...], num_classes: int, device: torch.devic
 def member_set(ids: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype) -> ColumnSet:
     """The set ``ids`` itself: indicator 1 on its members (used for ``hard_target_ids``)."""
     return ColumnSet(ids, _indicator(ids, num_classes, device, dtype, 1.0), len(ids))
+
+
+@functools.lru_cache(maxsize=64)
+def ids_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The ids as an int64 tensor on ``device``, built once per (ids, device)."""
+    return torch.tensor(ids, dtype=torch.long).to(device)
