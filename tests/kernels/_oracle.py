@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 
 C_D = {torch.float64: 1e-10, torch.float32: 4e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-FLOAT_FIELDS = ("lse", "target_logit", "nll", "log1m_target_prob", "support_mean_logit", "entropy", "wrong_entropy")
+FLOAT_FIELDS = (
+    "lse",
+    "target_logit",
+    "nll",
+    "log1m_target_prob",
+    "support_mean_logit",
+    "entropy",
+    "wrong_entropy",
+)
 
 
 def _err(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -22,7 +30,9 @@ def _err(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.where(same, torch.zeros_like(diff), diff)
 
 
-def assert_values_close(x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_values_close(
+    x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     """Elementwise rule: err(x) ≤ err(base) + c_d·max(1, |ref|)."""
     ref64 = ref.double()
     scale = torch.where(torch.isfinite(ref64), ref64.abs().clamp_min(1.0), torch.ones_like(ref64))
@@ -38,7 +48,9 @@ def assert_values_close(x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, 
         )
 
 
-def assert_grad_close(g: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_grad_close(
+    g: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     """Per-row rule for gradients: err(g) ≤ err(base) + c_d·max_j |G_ref| (elementwise within the row)."""
     v = ref.shape[-1]
     g2, r2, b2 = (t.reshape(-1, v).double() for t in (g, ref, base))
@@ -57,7 +69,11 @@ def assert_grad_close(g: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dt
 def assert_stats_close(stats, ref, base, dtype: torch.dtype, what: str = "") -> None:
     """Every float field by the value rule; valid/argmax/correct/bad exactly."""
     for name in FLOAT_FIELDS:
-        assert_values_close(getattr(stats, name), getattr(ref, name), getattr(base, name), dtype, f"{what}{name}")
-        assert getattr(stats, name).dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        assert_values_close(
+            getattr(stats, name), getattr(ref, name), getattr(base, name), dtype, f"{what}{name}"
+        )
+        assert getattr(stats, name).dtype == (torch.float64 if dtype == torch.float64 else torch.float32), (
+            name
+        )
     assert torch.equal(stats.valid, ref.valid), f"{what}valid"
     assert torch.equal(stats.bad, ref.bad), f"{what}bad"

@@ -61,8 +61,13 @@ print(json.dumps({"extra": peak - before}))
 
 
 def _measure(mode: str, inplace: bool) -> int:
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode, "1" if inplace else "0"], capture_output=True,
-                         text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, mode, "1" if inplace else "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
 
 
@@ -74,7 +79,9 @@ def test_memory_bound(mode, inplace):
     grad = 1024 * 32000 * 4
     bound = (0 if inplace else grad) + 4 * 4 * MIB + 16 * MIB
     extra = _measure(mode, inplace)
-    assert extra <= bound, f"{mode} inplace={inplace}: extra {extra / MIB:.1f} MiB > bound {bound / MIB:.1f} MiB"
+    assert extra <= bound, (
+        f"{mode} inplace={inplace}: extra {extra / MIB:.1f} MiB > bound {bound / MIB:.1f} MiB"
+    )
 
 
 @pytest.mark.slow
@@ -89,7 +96,9 @@ def test_parity_at_full_vocab():
     xc = x.clone().requires_grad_()
     outs = []
     for xx, impl in ((x64, "torch"), (xb, "torch"), (xc, "chunked")):
-        res = kernels.fused_token_loss(xx, t, label_smoothing=0.1, smoothing_exclude=ex, z_loss=1e-4, impl=impl)
+        res = kernels.fused_token_loss(
+            xx, t, label_smoothing=0.1, smoothing_exclude=ex, z_loss=1e-4, impl=impl
+        )
         res.loss.backward()
         outs.append(res)
     assert_stats_close(outs[2].stats, outs[0].stats, outs[1].stats, torch.float32, "V=128256 ")

@@ -19,7 +19,12 @@ from losskit import kernels
 
 KERNELS_SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "losskit" / "kernels"
 aten = torch.ops.aten
-_FORBIDDEN = {aten._local_scalar_dense.default, aten.equal.default, aten.nonzero.default, aten.masked_select.default}
+_FORBIDDEN = {
+    aten._local_scalar_dense.default,
+    aten.equal.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+}
 
 
 class SyncGuard(TorchDispatchMode):
@@ -27,10 +32,15 @@ class SyncGuard(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _FORBIDDEN or func.overloadpacket in {aten._local_scalar_dense, aten.nonzero, aten.masked_select}:
+        if func in _FORBIDDEN or func.overloadpacket in {
+            aten._local_scalar_dense,
+            aten.nonzero,
+            aten.masked_select,
+        }:
             raise AssertionError(f"host sync: {func}")
         if func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 else [])
             if i is not None
         ):
             raise AssertionError(f"bool-mask indexing: {func}")
@@ -44,8 +54,14 @@ class SyncGuard(TorchDispatchMode):
 
 def test_guard_catches_what_it_should():
     x = torch.randn(3)
-    for bad in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x[x > 0], lambda: x.nonzero(),
-                lambda: torch.equal(x, x), lambda: x.to("meta")):
+    for bad in (
+        lambda: x.sum().item(),
+        lambda: bool(x.sum() > 0),
+        lambda: x[x > 0],
+        lambda: x.nonzero(),
+        lambda: torch.equal(x, x),
+        lambda: x.to("meta"),
+    ):
         with pytest.raises(AssertionError), SyncGuard():
             bad()
 
@@ -72,9 +88,17 @@ def test_token_stats_fwd_bwd_without_sync(impl, chunk, three_d):
     xx = x.clone().requires_grad_()
     mask = torch.ones(t.shape, dtype=torch.bool)
     with SyncGuard():
-        s = kernels.token_stats(xx, t, mask=mask, smoothing_exclude=[1, 2], impl=impl,
-                                chunk_bytes=chunk if impl == "chunked" else None)
-        total = s.lse.sum() + s.nll.sum() + s.entropy.sum() + s.wrong_entropy.sum() + s.log1m_target_prob.sum()
+        s = kernels.token_stats(
+            xx,
+            t,
+            mask=mask,
+            smoothing_exclude=[1, 2],
+            impl=impl,
+            chunk_bytes=chunk if impl == "chunked" else None,
+        )
+        total = (
+            s.lse.sum() + s.nll.sum() + s.entropy.sum() + s.wrong_entropy.sum() + s.log1m_target_prob.sum()
+        )
         total = total + s.support_mean_logit.sum() + s.target_logit.sum()
         total.backward()
     assert xx.grad is not None
@@ -83,18 +107,27 @@ def test_token_stats_fwd_bwd_without_sync(impl, chunk, three_d):
 MODES = list(itertools.product(["forward", "backward"], ["sum", "none"], [False, True], ["float", "device"]))
 
 
-@pytest.mark.parametrize("mode,reduction,inplace,scale", [m for m in MODES if not (m[0] == "forward" and m[1] == "none")])
+@pytest.mark.parametrize(
+    "mode,reduction,inplace,scale", [m for m in MODES if not (m[0] == "forward" and m[1] == "none")]
+)
 def test_fused_loss_fwd_bwd_without_sync(mode, reduction, inplace, scale):
     x, t = _inputs(torch.bfloat16, False)
-    opts = dict(label_smoothing=0.1, smoothing_exclude=[0, 1], z_loss=1e-4, impl="chunked")
+    opts = {"label_smoothing": 0.1, "smoothing_exclude": [0, 1], "z_loss": 1e-4, "impl": "chunked"}
     kernels.fused_token_loss(x, t, **opts)  # warm the column-set caches
     leaf = x.clone().requires_grad_()
     w = torch.rand(t.shape, requires_grad=True)
     with SyncGuard():
         z = leaf * 1.0
         res = kernels.fused_token_loss(
-            z, t, token_weight=w, normalizer=torch.tensor(5.0) if reduction == "sum" else None, reduction=reduction,
-            grad_mode=mode, inplace_grad=inplace, grad_scale=torch.tensor(0.5) if scale == "device" else 0.5, **opts,
+            z,
+            t,
+            token_weight=w,
+            normalizer=torch.tensor(5.0) if reduction == "sum" else None,
+            reduction=reduction,
+            grad_mode=mode,
+            inplace_grad=inplace,
+            grad_scale=torch.tensor(0.5) if scale == "device" else 0.5,
+            **opts,
         )
         loss = res.loss if reduction == "sum" else (res.loss * torch.rand(res.loss.shape)).sum()
         loss.backward()
@@ -114,5 +147,7 @@ def test_lint_no_host_read_spellings_in_kernels():
 
 def test_lint_sees_a_planted_offender(tmp_path):
     tree = ast.parse("x = t.item()\ny = t.cpu()\n")
-    found = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("item", "tolist", "cpu")]
+    found = [
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("item", "tolist", "cpu")
+    ]
     assert found == ["item", "cpu"]

@@ -50,8 +50,14 @@ def _mp_reference(row: torch.Tensor, y: int) -> dict[str, mpmath.mpf]:
     sum_z = mpmath.fsum(c * z for z, c in zs) + zy
     smoothed = nll - EPS * (sum_z / V - zy)
     return {
-        "lse": lse, "nll": nll, "log1m_target_prob": lneg - lse, "entropy": h, "wrong_entropy": hq,
-        "smoothed": smoothed, "zloss": LAM * lse**2, "one_minus_p_y": om,
+        "lse": lse,
+        "nll": nll,
+        "log1m_target_prob": lneg - lse,
+        "entropy": h,
+        "wrong_entropy": hq,
+        "smoothed": smoothed,
+        "zloss": LAM * lse**2,
+        "one_minus_p_y": om,
         # G_y of Σ(CE_ε + λ·lse²) (torch convention, E = ∅): ε − (1 − p_y) + 2λ·lse·p_y − ε/V
         "g_y": EPS - om + 2 * LAM * lse * p_y - EPS / V,
         "g_y_plain": -om,
@@ -82,18 +88,25 @@ def test_statistics_relative_error(case):
         ref = refs[r]
         normal = float(ref["one_minus_p_y"]) > FP32_TINY
         checks = {
-            "lse": s.lse[r], "log1m_target_prob": s.log1m_target_prob[r], "wrong_entropy": s.wrong_entropy[r],
-            "smoothed": plain.token_loss[r], "zloss": fused.token_loss[r] - plain.token_loss[r],
+            "lse": s.lse[r],
+            "log1m_target_prob": s.log1m_target_prob[r],
+            "wrong_entropy": s.wrong_entropy[r],
+            "smoothed": plain.token_loss[r],
+            "zloss": fused.token_loss[r] - plain.token_loss[r],
         }
         if normal:
             checks.update(nll=s.nll[r], entropy=s.entropy[r])
         for name, got in checks.items():
             want = ref[name]
             if name == "zloss":  # a difference of two losses; judge it against the loss scale too
-                err = abs(float(got) - float(want)) / max(abs(float(want)), 1e-7 * abs(float(ref["smoothed"])))
+                err = abs(float(got) - float(want)) / max(
+                    abs(float(want)), 1e-7 * abs(float(ref["smoothed"]))
+                )
             else:
                 err = _rel(float(got), want)
-            assert err <= 2e-5, f"margin {margin}: {name} relative error {err:.3g} (got {float(got)!r}, want {float(want)})"
+            assert err <= 2e-5, (
+                f"margin {margin}: {name} relative error {err:.3g} (got {float(got)!r}, want {float(want)})"
+            )
         assert torch.isfinite(s.wrong_entropy[r]) and torch.isfinite(s.log1m_target_prob[r])
 
 
@@ -103,7 +116,9 @@ def test_target_gradient_relative_error(case, mode):
     x, t, refs = case
     for eps, lam, key in ((EPS, LAM, "g_y"), (0.0, 0.0, "g_y_plain")):
         xx = x.clone().requires_grad_()
-        kernels.fused_token_loss(xx, t, label_smoothing=eps, z_loss=lam, grad_mode=mode, impl="chunked").loss.backward()
+        kernels.fused_token_loss(
+            xx, t, label_smoothing=eps, z_loss=lam, grad_mode=mode, impl="chunked"
+        ).loss.backward()
         gy = xx.grad.gather(1, t[:, None])[:, 0]
         for r, margin in enumerate(MARGINS):
             want = float(refs[r][key])
@@ -124,8 +139,10 @@ def test_naive_formulas_fail_the_same_check(case):
     h = -(lsm.exp() * lsm).sum(-1)
     naive_hq = torch.log1p(-p_y) + (h + p_y * torch.log(p_y)) / (1 - p_y)
     worst_g = max(_rel(float(naive_gy[r]), refs[r]["g_y_plain"]) for r in range(len(MARGINS)))
-    hq_errs = [_rel(float(naive_hq[r]), refs[r]["wrong_entropy"]) if torch.isfinite(naive_hq[r]) else float("inf")
-               for r in range(len(MARGINS))]
+    hq_errs = [
+        _rel(float(naive_hq[r]), refs[r]["wrong_entropy"]) if torch.isfinite(naive_hq[r]) else float("inf")
+        for r in range(len(MARGINS))
+    ]
     assert worst_g > 1e-5
     assert max(hq_errs) > 2e-5
 
@@ -141,12 +158,20 @@ def test_stability_v4_seed_numbers():
         s = kernels.token_stats(x.to(dtype), t, impl=impl)
         s = type(s)(**{k: (v.float() if v.is_floating_point() else v) for k, v in vars(s).items()})
         torch.testing.assert_close(s.wrong_entropy, torch.full((4,), 0.832396), rtol=2e-5, atol=0)
-        torch.testing.assert_close(s.log1m_target_prob, torch.tensor([-0.086206, -17.592394, -47.592394, -97.592394]),
-                                   rtol=2e-5, atol=0)
+        torch.testing.assert_close(
+            s.log1m_target_prob,
+            torch.tensor([-0.086206, -17.592394, -47.592394, -97.592394]),
+            rtol=2e-5,
+            atol=0,
+        )
         # fp64 cannot hold 1 − p_y = 2e-21 in the dense p_y·log p_y term, so the reference stops at z_y = 20.
         k = 2 if impl == "torch" else 3
-        torch.testing.assert_close(s.entropy[:k], torch.tensor([1.048705, 4.447098e-7, 1.058841e-19])[:k], rtol=2e-5, atol=0)
-        torch.testing.assert_close(s.nll[:3], torch.tensor([2.493812, 2.289393e-8, 2.142328e-21]), rtol=2e-5, atol=0)
+        torch.testing.assert_close(
+            s.entropy[:k], torch.tensor([1.048705, 4.447098e-7, 1.058841e-19])[:k], rtol=2e-5, atol=0
+        )
+        torch.testing.assert_close(
+            s.nll[:3], torch.tensor([2.493812, 2.289393e-8, 2.142328e-21]), rtol=2e-5, atol=0
+        )
         assert 0 < float(s.nll[3]) < 1e-40
 
 

@@ -24,7 +24,13 @@ IMPLS = ("torch", "chunked")
 def test_seed_entropy_token(impl, dtype):
     x = torch.tensor([[2.0, 1.0, 4.0, 0.5]], dtype=dtype)
     s = kernels.token_stats(x, torch.tensor([2]), impl=impl)
-    want = dict(wrong_entropy=0.905959, entropy=0.627587, nll=0.195007, lse=4.195007, log1m_target_prob=-1.730638)
+    want = {
+        "wrong_entropy": 0.905959,
+        "entropy": 0.627587,
+        "nll": 0.195007,
+        "lse": 4.195007,
+        "log1m_target_prob": -1.730638,
+    }
     for name, value in want.items():
         assert abs(getattr(s, name).item() - value) < 1e-6, name
     assert s.argmax.item() == 2 and s.correct.item()
@@ -34,17 +40,33 @@ def test_seed_entropy_token(impl, dtype):
 def test_seed_smoothing_closed_forms(impl):
     x = torch.tensor([[2.0, 1.0, 4.0, 0.5]], dtype=torch.float64)
     t = torch.tensor([2])
-    for conv, ex, want in (("torch", (), 0.407507), ("fairseq", (), 0.478341), ("torch", (0,), 0.411674),
-                           ("fairseq", (0,), 0.520007)):
-        got = kernels.cross_entropy(x, t, label_smoothing=0.1, smoothing_convention=conv, smoothing_exclude=ex, impl=impl)
+    for conv, ex, want in (
+        ("torch", (), 0.407507),
+        ("fairseq", (), 0.478341),
+        ("torch", (0,), 0.411674),
+        ("fairseq", (0,), 0.520007),
+    ):
+        got = kernels.cross_entropy(
+            x, t, label_smoothing=0.1, smoothing_convention=conv, smoothing_exclude=ex, impl=impl
+        )
         assert abs(got.item() - want) < 1e-6, (conv, ex)
     zl = kernels.cross_entropy(x, t, z_loss=1e-4, impl=impl) - kernels.cross_entropy(x, t, impl=impl)
     assert abs(zl.item() - 0.00175981) < 1e-8
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("eps,ignore_index,reduction,three_d,dtype", list(itertools.product(
-    (0.0, 0.1, 0.3), (-100, 0, 5), ("none", "sum", "mean"), (False, True), (torch.float32, torch.float64))))
+@pytest.mark.parametrize(
+    "eps,ignore_index,reduction,three_d,dtype",
+    list(
+        itertools.product(
+            (0.0, 0.1, 0.3),
+            (-100, 0, 5),
+            ("none", "sum", "mean"),
+            (False, True),
+            (torch.float32, torch.float64),
+        )
+    ),
+)
 def test_torch_parity(impl, eps, ignore_index, reduction, three_d, dtype):
     g = torch.Generator().manual_seed(hash((eps, ignore_index, reduction, three_d)) % 1000)
     shape = (2, 5, 11) if three_d else (7, 11)
@@ -53,12 +75,15 @@ def test_torch_parity(impl, eps, ignore_index, reduction, three_d, dtype):
     t.view(-1)[1] = ignore_index
     xa = x.clone().requires_grad_()
     xb = x.clone().requires_grad_()
-    got = kernels.cross_entropy(xa, t, ignore_index=ignore_index, label_smoothing=eps, reduction=reduction, impl=impl)
-    want = F.cross_entropy(xb.flatten(0, -2), t.flatten(), ignore_index=ignore_index, label_smoothing=eps,
-                           reduction=reduction)
+    got = kernels.cross_entropy(
+        xa, t, ignore_index=ignore_index, label_smoothing=eps, reduction=reduction, impl=impl
+    )
+    want = F.cross_entropy(
+        xb.flatten(0, -2), t.flatten(), ignore_index=ignore_index, label_smoothing=eps, reduction=reduction
+    )
     if reduction == "none":
         want = want.reshape(shape[:-1])
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
     torch.testing.assert_close(got, want, **tol)
     up = torch.randn(got.shape, generator=g, dtype=dtype)
     got.backward(up)
@@ -77,8 +102,15 @@ def test_class_weighted_mean_and_functional_parity(impl):
     got = kernels.cross_entropy(x, t, token_weight=w, normalize="weights", impl=impl)
     want = F.cross_entropy(x.flatten(0, 1), t.flatten(), weight=cw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
-    for kw in (dict(label_smoothing=0.1, smoothing_exclude=[1], z_loss=1e-2, token_weight=w),
-               dict(label_smoothing=0.2, smoothing_convention="fairseq", smoothing_exclude=[0, 2], mask=t != 3)):
+    for kw in (
+        {"label_smoothing": 0.1, "smoothing_exclude": [1], "z_loss": 1e-2, "token_weight": w},
+        {
+            "label_smoothing": 0.2,
+            "smoothing_convention": "fairseq",
+            "smoothing_exclude": [0, 2],
+            "mask": t != 3,
+        },
+    ):
         for reduction in ("none", "sum", "mean"):
             xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
             a = kernels.cross_entropy(xa, t, reduction=reduction, impl=impl, **kw)
@@ -149,17 +181,39 @@ def test_gradcheck_reference_fields(impl):
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([[0, 1, -100], [4, 1, 2]])
     for name in ("lse", "nll", "entropy", "wrong_entropy", "log1m_target_prob", "support_mean_logit"):
-        torch.autograd.gradcheck(lambda z, n=name: getattr(kernels.token_stats(z, t, smoothing_exclude=[1], impl=impl), n), (x,))
+        torch.autograd.gradcheck(
+            lambda z, n=name: getattr(kernels.token_stats(z, t, smoothing_exclude=[1], impl=impl), n), (x,)
+        )
     # cross_entropy with "sum"/"mean" runs eager on CPU, whose gradient buffer serves one backward only, and
     # gradcheck backpropagates twice through one graph: those reductions go through return_parts (deferred).
     for eps, conv in ((0.0, "torch"), (0.1, "torch"), (0.1, "fairseq")):
         for reduction in ("none", "sum", "mean"):
             torch.autograd.gradcheck(
-                lambda z, e=eps, c=conv, r=reduction: kernels.cross_entropy(
-                    z, t, label_smoothing=e, smoothing_convention=c, smoothing_exclude=[1], z_loss=1e-2, reduction=r,
-                    impl=impl, token_weight=torch.linspace(0.5, 1.5, 6, dtype=torch.float64).reshape(2, 3),
-                    return_parts=r != "none").__getattribute__("loss") if r != "none" else kernels.cross_entropy(
-                    z, t, label_smoothing=e, smoothing_convention=c, smoothing_exclude=[1], z_loss=1e-2, reduction=r,
-                    impl=impl, token_weight=torch.linspace(0.5, 1.5, 6, dtype=torch.float64).reshape(2, 3)),
+                lambda z, e=eps, c=conv, r=reduction: (
+                    kernels.cross_entropy(
+                        z,
+                        t,
+                        label_smoothing=e,
+                        smoothing_convention=c,
+                        smoothing_exclude=[1],
+                        z_loss=1e-2,
+                        reduction=r,
+                        impl=impl,
+                        token_weight=torch.linspace(0.5, 1.5, 6, dtype=torch.float64).reshape(2, 3),
+                        return_parts=r != "none",
+                    ).__getattribute__("loss")
+                    if r != "none"
+                    else kernels.cross_entropy(
+                        z,
+                        t,
+                        label_smoothing=e,
+                        smoothing_convention=c,
+                        smoothing_exclude=[1],
+                        z_loss=1e-2,
+                        reduction=r,
+                        impl=impl,
+                        token_weight=torch.linspace(0.5, 1.5, 6, dtype=torch.float64).reshape(2, 3),
+                    )
+                ),
                 (x,),
             )

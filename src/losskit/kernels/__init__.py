@@ -83,7 +83,9 @@ def _fields(logits, prep: Prepared, impl: str, inplace_grad: bool, chunk_bytes) 
     """Differentiable statistics of one pass (deferred mode) for the resolved ``impl``."""
     if impl == "torch":
         return reference.token_fields(logits, prep)[0]
-    plan = chunked.Plan.make(prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device))
+    plan = chunked.Plan.make(
+        prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device)
+    )
     if _grad_wanted(logits):
         out = chunked.TokenStatsFunction.apply(logits, prep, plan, inplace_grad)
         return StatFields(*out)
@@ -151,7 +153,11 @@ def token_stats(
 
 
 def _check_z_loss(z_loss) -> float:
-    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < math.inf:
+    if (
+        isinstance(z_loss, bool)
+        or not isinstance(z_loss, numbers.Real)
+        or not 0.0 <= float(z_loss) < math.inf
+    ):
         raise LossInputError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     return float(z_loss)
 
@@ -162,7 +168,11 @@ def _check_scalar_tensor(name: str, value, device: torch.device, *, allow_none: 
             return None
         raise LossInputError(f"{name} must be a number or a 0-d tensor, got None")
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or not value.is_floating_point() and value.dtype not in (torch.int64, torch.int32):
+        if (
+            value.dim() != 0
+            or not value.is_floating_point()
+            and value.dtype not in (torch.int64, torch.int32)
+        ):
             raise LossInputError(f"{name} must be a 0-d float tensor, got {value.dtype} {tuple(value.shape)}")
         if value.device != device:
             raise LossInputError(f"{name} must be on the device of logits ({device}), got {value.device}")
@@ -229,17 +239,25 @@ def fused_token_loss(
     _check_bool("inplace_grad", inplace_grad)
     lam = _check_z_loss(z_loss)
     prep = prepare(
-        logits, target, ignore_index=ignore_index, mask=mask, smoothing_exclude=smoothing_exclude,
+        logits,
+        target,
+        ignore_index=ignore_index,
+        mask=mask,
+        smoothing_exclude=smoothing_exclude,
         token_weight=token_weight,
     )
     eps = check_label_smoothing(label_smoothing, smoothing_convention, prep.num_support)
     sm = prepare_smoothing(prep, eps, smoothing_convention, hard_target_ids, logits.device)
     normalizer = _check_scalar_tensor("normalizer", normalizer, logits.device, allow_none=True)
     if reduction == "none" and normalizer is not None:
-        raise LossInputError('normalizer applies to reduction="sum" only; with reduction="none" pass normalizer=None')
+        raise LossInputError(
+            'normalizer applies to reduction="sum" only; with reduction="none" pass normalizer=None'
+        )
     grad_scale = _check_scalar_tensor("grad_scale", grad_scale, logits.device, allow_none=False)
     if not isinstance(grad_scale, torch.Tensor) and grad_scale == 0.0:
-        raise LossInputError("grad_scale must be non-zero (it is the upstream gradient G is computed for), got 0.0")
+        raise LossInputError(
+            "grad_scale must be non-zero (it is the upstream gradient G is computed for), got 0.0"
+        )
     if grad_mode == "forward" and reduction != "sum":
         raise LossInputError(
             'grad_mode="forward" (eager) needs reduction="sum": per-token upstream gradients are only known in '
@@ -255,7 +273,9 @@ def fused_token_loss(
         and (grad_mode == "forward" or (grad_mode == "auto" and logits.device.type != "cuda"))
     )
     if eager:
-        return _fused_eager(logits, token_weight, prep, sm, lam, normalizer, grad_scale, inplace_grad, chunk_bytes)
+        return _fused_eager(
+            logits, token_weight, prep, sm, lam, normalizer, grad_scale, inplace_grad, chunk_bytes
+        )
 
     if resolved == "torch":
         per_token, f = reference.fused_terms(logits, prep, sm, lam)
@@ -287,8 +307,12 @@ def _with_bad(f: StatFields, bad: torch.Tensor) -> StatFields:
     return dataclasses.replace(f, bad=bad)
 
 
-def _fused_eager(logits, token_weight, prep, sm, lam, normalizer, grad_scale, inplace_grad, chunk_bytes) -> FusedLoss:
-    plan = chunked.Plan.make(prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device))
+def _fused_eager(
+    logits, token_weight, prep, sm, lam, normalizer, grad_scale, inplace_grad, chunk_bytes
+) -> FusedLoss:
+    plan = chunked.Plan.make(
+        prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device)
+    )
     norm_in = normalizer
     graph_norm = normalizer is not None and normalizer.requires_grad and torch.is_grad_enabled()
     if graph_norm:
@@ -352,7 +376,11 @@ def cross_entropy(
             "losskit.functional.step_counts(micro_targets, ...)), got None"
         )
     prep = prepare(
-        logits, target, ignore_index=ignore_index, mask=mask, smoothing_exclude=smoothing_exclude,
+        logits,
+        target,
+        ignore_index=ignore_index,
+        mask=mask,
+        smoothing_exclude=smoothing_exclude,
         token_weight=token_weight,
     )
     eps = check_label_smoothing(label_smoothing, smoothing_convention, prep.num_support)
@@ -363,13 +391,22 @@ def cross_entropy(
         denom = reduce_normalizer(
             valid, weight=token_weight, normalize=normalize, step_counts=step_counts, dtype=prep.dtype
         )
-    common = dict(
-        ignore_index=ignore_index, mask=mask, token_weight=token_weight, label_smoothing=eps,
-        smoothing_convention=smoothing_convention, smoothing_exclude=prep.support.ids, z_loss=lam,
-        impl=impl, inplace_grad=inplace_grad, chunk_bytes=chunk_bytes,
-    )
+    common = {
+        "ignore_index": ignore_index,
+        "mask": mask,
+        "token_weight": token_weight,
+        "label_smoothing": eps,
+        "smoothing_convention": smoothing_convention,
+        "smoothing_exclude": prep.support.ids,
+        "z_loss": lam,
+        "impl": impl,
+        "inplace_grad": inplace_grad,
+        "chunk_bytes": chunk_bytes,
+    }
     if return_parts:
-        return _cross_entropy_parts(logits, target, prep, eps, smoothing_convention, lam, denom, reduction, common)
+        return _cross_entropy_parts(
+            logits, target, prep, eps, smoothing_convention, lam, denom, reduction, common
+        )
     res = fused_token_loss(
         logits, target, normalizer=denom, reduction="none" if reduction == "none" else "sum", **common
     )
@@ -391,7 +428,9 @@ def _check_once(logits, target, prep: Prepared, eps: float, stats: TokenStats) -
     warn_empty(num_valid, stacklevel=4)
 
 
-def _cross_entropy_parts(logits, target, prep, eps, convention, lam, denom, reduction, common) -> CrossEntropyParts:
+def _cross_entropy_parts(
+    logits, target, prep, eps, convention, lam, denom, reduction, common
+) -> CrossEntropyParts:
     """``return_parts=True``: loss, nll, smoothing and z-loss parts, all from one differentiable pass."""
     resolved = _resolve(common["impl"], logits)
     sm = prepare_smoothing(prep, eps, convention, None, logits.device)

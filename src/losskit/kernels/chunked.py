@@ -290,7 +290,9 @@ def stats_pass(
         pr = _PreparedRows(prep, ch.r0, ch.r1)
         state = None
         for c0, c1 in plan.blocks:
-            st = _block_state(src[..., c0:c1], ws, rows, c0, c1, tgt, zy, pr, support_counts, single, excluded_in_block)
+            st = _block_state(
+                src[..., c0:c1], ws, rows, c0, c1, tgt, zy, pr, support_counts, single, excluded_in_block
+            )
             if single:
                 state = st
             else:
@@ -302,7 +304,17 @@ def stats_pass(
         m_all[sl], d_all[sl], s_all[sl], a_all[sl] = state.m, state.d, state.s, state.a
         val_all[sl], idx_all[sl], zy_all[sl] = state.amax_val, state.amax_idx, zy
         if eager is not None:
-            rs = rowmath.finalize(state.m, state.d, state.s, state.a, state.amax_val, state.amax_idx, zy, tgt, prep.support.count)
+            rs = rowmath.finalize(
+                state.m,
+                state.d,
+                state.s,
+                state.a,
+                state.amax_val,
+                state.amax_idx,
+                zy,
+                tgt,
+                prep.support.count,
+            )
             co = eager.coefficients(rs, sl)
             dst = ch.view(eager.out)
             if single:
@@ -312,7 +324,9 @@ def stats_pass(
             else:
                 scale, beta = rowmath.shifted_coefficients(co, rs)
                 _grad_chunk(src, dst, ws, rows, rs.shift, scale, beta, co, tgt, prep, plan, ch.r0, ch.r1)
-    rs = rowmath.finalize(m_all, d_all, s_all, a_all, val_all, idx_all, zy_all, prep.target, prep.support.count)
+    rs = rowmath.finalize(
+        m_all, d_all, s_all, a_all, val_all, idx_all, zy_all, prep.target, prep.support.count
+    )
     return rs, d_all
 
 
@@ -400,11 +414,18 @@ def _grad_chunk(
         else:
             local = target - c0
             pb = (local, (local >= 0) & (local < vb))
-        _write_grad(wb, dst[..., c0:c1], scale, beta, wa if beta is not None else None, co, target, pb, prep, c0, c1)
+        _write_grad(
+            wb, dst[..., c0:c1], scale, beta, wa if beta is not None else None, co, target, pb, prep, c0, c1
+        )
 
 
 def grad_pass(
-    logits: torch.Tensor, out: torch.Tensor, prep: Prepared, plan: Plan, rs: RowStats, co: rowmath.GradCoefficients
+    logits: torch.Tensor,
+    out: torch.Tensor,
+    prep: Prepared,
+    plan: Plan,
+    rs: RowStats,
+    co: rowmath.GradCoefficients,
 ) -> None:
     """Write G for every row into ``out`` (shaped like ``logits``; may be ``logits`` itself)."""
     n = prep.valid.numel()
@@ -420,8 +441,19 @@ def grad_pass(
         )
         # In place, src and dst are the same storage: each block is read into the workspace before it is written.
         _grad_chunk(
-            ch.view(logits), ch.view(out), ws, ch.rows, rs.shift[sl], scale[sl], None if beta is None else beta[sl],
-            rco, prep.target[sl], prep, plan, ch.r0, ch.r1,
+            ch.view(logits),
+            ch.view(out),
+            ws,
+            ch.rows,
+            rs.shift[sl],
+            scale[sl],
+            None if beta is None else beta[sl],
+            rco,
+            prep.target[sl],
+            prep,
+            plan,
+            ch.r0,
+            ch.r1,
         )
 
 
@@ -452,7 +484,13 @@ class StatFields:
     bad: torch.Tensor
 
     FLOATS = (
-        "lse", "target_logit", "nll", "log1m_target_prob", "support_mean_logit", "entropy", "wrong_entropy",
+        "lse",
+        "target_logit",
+        "nll",
+        "log1m_target_prob",
+        "support_mean_logit",
+        "entropy",
+        "wrong_entropy",
         "a_over_k",
     )
 
@@ -492,9 +530,19 @@ def _masked_constants(rs: RowStats, valid: torch.Tensor) -> RowStats:
         return torch.where(valid, x, zero)
 
     return RowStats(
-        lse=m(rs.lse), target_logit=zero, nll=m(rs.nll), log1m=m(rs.log1m), a_over_k=zero,
-        entropy=m(rs.entropy), wrong_entropy=m(rs.wrong_entropy), argmax=rs.argmax, shift=m(rs.shift),
-        log_d=m(rs.log_d), inv_d=m(rs.inv_d), p_y=m(rs.p_y), one_minus_p_y=m(rs.one_minus_p_y),
+        lse=m(rs.lse),
+        target_logit=zero,
+        nll=m(rs.nll),
+        log1m=m(rs.log1m),
+        a_over_k=zero,
+        entropy=m(rs.entropy),
+        wrong_entropy=m(rs.wrong_entropy),
+        argmax=rs.argmax,
+        shift=m(rs.shift),
+        log_d=m(rs.log_d),
+        inv_d=m(rs.inv_d),
+        p_y=m(rs.p_y),
+        one_minus_p_y=m(rs.one_minus_p_y),
     )
 
 
@@ -519,7 +567,7 @@ class TokenStatsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, prep: Prepared, plan: Plan, inplace: bool):  # noqa: D102
+    def forward(ctx, logits, prep: Prepared, plan: Plan, inplace: bool):
         rs, _ = stats_pass(logits, prep, plan)
         f = finish(rs, prep)
         ctx.save_for_backward(logits)
@@ -530,7 +578,7 @@ class TokenStatsFunction(torch.autograd.Function):
         return tuple(getattr(f, k) for k in StatFields.FLOATS) + (f.argmax, f.correct, f.bad)
 
     @staticmethod
-    def backward(ctx, g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak, *_):  # noqa: D102
+    def backward(ctx, g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak, *_):
         _check_once_differentiable()
         (logits,) = ctx.saved_tensors
         prep: Prepared = ctx.prep
@@ -540,13 +588,23 @@ class TokenStatsFunction(torch.autograd.Function):
         def flat(g):
             return None if g is None else torch.where(valid, g.reshape(-1).to(prep.dtype), zero)
 
-        g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak = map(flat, (g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak))
+        g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak = map(
+            flat, (g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak)
+        )
         if g_ak is not None:  # a/K = support mean − z_y
             g_mean = g_ak if g_mean is None else g_mean + g_ak
             g_zy = -g_ak if g_zy is None else g_zy - g_ak
         co = rowmath.stats_grad_coefficients(
-            ctx.rs, prep.target_in_support, prep.num_support,
-            g_lse=g_lse, g_zy=g_zy, g_nll=g_nll, g_l1m=g_l1m, g_mean=g_mean, g_h=g_h, g_hq=g_hq,
+            ctx.rs,
+            prep.target_in_support,
+            prep.num_support,
+            g_lse=g_lse,
+            g_zy=g_zy,
+            g_nll=g_nll,
+            g_l1m=g_l1m,
+            g_mean=g_mean,
+            g_h=g_h,
+            g_hq=g_hq,
         )
         co = _mask_coefficients(co, valid)
         out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -592,8 +650,18 @@ class FusedTokenLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, token_weight, prep: Prepared, plan: Plan, sm: Smoothing, z_loss: float,
-                normalizer, grad_scale, inplace: bool):  # noqa: D102
+    def forward(
+        ctx,
+        logits,
+        token_weight,
+        prep: Prepared,
+        plan: Plan,
+        sm: Smoothing,
+        z_loss: float,
+        normalizer,
+        grad_scale,
+        inplace: bool,
+    ):
         valid = prep.valid
         dt = prep.dtype
         zero = torch.zeros((), dtype=dt, device=logits.device)
@@ -612,7 +680,8 @@ class FusedTokenLossFunction(torch.autograd.Function):
 
         def coefficients(rs: RowStats, sl: slice) -> rowmath.GradCoefficients:
             co = rowmath.fused_grad_coefficients(
-                rs, coef[sl],
+                rs,
+                coef[sl],
                 None if sm.eps_t is None else sm.eps_t[sl],
                 None if sm.eps_t is None else sm.eps_over_kt[sl],
                 None if sm.eps_t is None else sm.target_in_at[sl],
@@ -642,7 +711,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
         return (loss,) + outs
 
     @staticmethod
-    def backward(ctx, g_loss, *_):  # noqa: D102
+    def backward(ctx, g_loss, *_):
         _check_once_differentiable()
         grad = ctx.grad
         if grad is None:
@@ -660,7 +729,9 @@ class FusedTokenLossFunction(torch.autograd.Function):
                 grad.mul_(actual / expected)
         else:
             # Device scalars: one elementwise rescale (exactly ×1 when they agree), no host read.
-            scale = ctx.grad_scale if isinstance(ctx.grad_scale, torch.Tensor) else torch.tensor(ctx.grad_scale)
+            scale = (
+                ctx.grad_scale if isinstance(ctx.grad_scale, torch.Tensor) else torch.tensor(ctx.grad_scale)
+            )
             grad.mul_((g_loss / scale.to(device=g_loss.device, dtype=g_loss.dtype)).to(grad.dtype))
         g_w = None
         if ctx.has_weight_grad:

@@ -26,8 +26,12 @@ def normalize_ids(ids: Iterable[int] | torch.Tensor | None, num_classes: int, na
     if ids is None:
         return ()
     if isinstance(ids, torch.Tensor):
-        if ids.dim() > 1 or (ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)):
-            raise LossInputError(f"{name} must be a 1-D integer tensor or a list of ints, got {ids.dtype} {tuple(ids.shape)}")
+        if ids.dim() > 1 or (
+            ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        ):
+            raise LossInputError(
+                f"{name} must be a 1-D integer tensor or a list of ints, got {ids.dtype} {tuple(ids.shape)}"
+            )
         values = [int(v) for v in ids.reshape(-1).to("cpu").numpy()] if ids.numel() else []
     else:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
@@ -61,16 +65,22 @@ class ColumnSet:
 
 
 @functools.lru_cache(maxsize=64)
-def _indicator(ids: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
+def _indicator(
+    ids: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype, value: float
+) -> torch.Tensor:
     ind = torch.full((num_classes,), 1.0 - value, dtype=dtype)
     if ids:
         ind[torch.tensor(ids, dtype=torch.long)] = value
     return ind.to(device)
 
 
-def support_set(excluded: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype) -> ColumnSet:
+def support_set(
+    excluded: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype
+) -> ColumnSet:
     """The smoothing support A = all ids minus ``excluded``: indicator 1 on A, 0 on E; ``count = K``."""
-    return ColumnSet(excluded, _indicator(excluded, num_classes, device, dtype, 0.0), num_classes - len(excluded))
+    return ColumnSet(
+        excluded, _indicator(excluded, num_classes, device, dtype, 0.0), num_classes - len(excluded)
+    )
 
 
 def member_set(ids: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype) -> ColumnSet:

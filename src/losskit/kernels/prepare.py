@@ -12,7 +12,13 @@ import numbers
 
 import torch
 
-from losskit.contract import SMOOTHING_CONVENTIONS, LossInputError, check_choice, check_logits_target, validity_mask
+from losskit.contract import (
+    SMOOTHING_CONVENTIONS,
+    LossInputError,
+    check_choice,
+    check_logits_target,
+    validity_mask,
+)
 from losskit.kernels.columns import ColumnSet, member_set, normalize_ids, support_set
 
 
@@ -61,7 +67,9 @@ def prepare(
 ) -> Prepared:
     """Check shapes and dtypes (no value reads) and build the per-row tensors of a call."""
     check_logits_target(logits, target, mask=mask, token_weight=token_weight)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+    ):
         raise LossInputError(f"ignore_index must be an int or None, got {ignore_index!r}")
     v = logits.shape[-1]
     dtype = compute_dtype(logits)
@@ -131,7 +139,11 @@ def prepare_smoothing(
         hard = member_set(prep.support.ids, v, device, prep.dtype)
     else:
         hard = member_set(normalize_ids(hard_target_ids, v, "hard_target_ids"), v, device, prep.dtype)
-    eps_t = eps * (1.0 - hard.indicator[prep.target]) if hard.count else torch.full_like(prep.target_in_support, eps)
+    eps_t = (
+        eps * (1.0 - hard.indicator[prep.target])
+        if hard.count
+        else torch.full_like(prep.target_in_support, eps)
+    )
     if convention == "torch":
         k_t = torch.full_like(eps_t, float(k))
         target_in_at = prep.target_in_support

@@ -158,7 +158,7 @@ def finalize(
     )
 
 
-def shifted_coefficients(co: "GradCoefficients", rs: RowStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shifted_coefficients(co: GradCoefficients, rs: RowStats) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewrite ``q·(α + β·u)`` with ``u = z − L¬`` in terms of ``w = z − m`` (exact near the max).
 
     ``u = w − ln d`` and ``q = e^{w}/d``, so ``G = e^{w}·(scale + beta'·w)`` with
