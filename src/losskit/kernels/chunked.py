@@ -717,7 +717,8 @@ class FusedTokenLossFunction(torch.autograd.Function):
         if grad is None:
             raise LossInputError(
                 'fused_token_loss(grad_mode="forward") wrote its gradient in the forward and released it at the '
-                'first backward; a second backward (retain_graph=True) needs grad_mode="backward"'
+                'first backward; a second backward (retain_graph=True) needs fused_token_loss(grad_mode="backward") '
+                '(or impl="torch" for kernels.cross_entropy and the loss modules)'
             )
         ctx.grad = None
         if g_loss is None:
