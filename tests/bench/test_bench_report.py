@@ -72,3 +72,26 @@ def test_t5_not_measured():
         f"T5 N=100 V=1000: not measured ({T5_NAME}: skipped: losskit.kernels not available; baseline: ok)"
     ]
     assert report.t5_lines([row("other", 1.0)]) == []
+
+
+def test_gpu_target_lines():
+    n, v = 8192, 128256
+    grad = n * v * 2
+    rows = [
+        row("losskit triton all features (pipeline)", 2.5, n=n, v=v, peak=grad + 10 * MIB),
+        row("losskit triton all features (eager)", 2.0, n=n, v=v, peak=grad + 100 * MIB),
+        row("seed pipeline naive", 62.0, n=n, v=v, peak=23 * 1024**3),
+    ]
+    inplace = Row(**{**row("losskit triton all features (eager, in place)", 1.5, n=n, v=v, peak=32 * MIB).__dict__,
+                     "inplace": True})
+    lines = report.gpu_target_lines(rows + [inplace])
+    text = "\n".join(lines)
+    assert "T1 losskit triton all features (pipeline) N=8192 V=128256: 2.500 ms (target <= 2.66 ms: met)" in text
+    assert "T1s losskit triton all features (eager) N=8192 V=128256: 2.000 ms (target <= 1.82 ms: MISSED)" in text
+    assert "T4 losskit triton all features (pipeline) N=16384 V=32000: not measured" in text
+    assert any(line.startswith("T2 losskit triton all features (pipeline):") and line.endswith("met)")
+               for line in lines)
+    assert any(line.startswith("T2 losskit triton all features (eager):") and line.endswith("MISSED)")
+               for line in lines)
+    assert any(line.startswith("T2 losskit triton all features (eager, in place): 0.031 GiB") for line in lines)
+    assert "T3 seed naive / triton eager in place: 41.3x faster (target >= 20: met); 736.0x less" in text

@@ -18,7 +18,7 @@ from losskit.bench import cross_entropy, env, report
 from losskit.contract import ConfigError
 
 DEFAULT_CSV_DIR = pathlib.Path("bench_results")
-CPU_FULL_REPS = 10
+CPU_FULL_REPS = 5
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -58,7 +58,7 @@ def build_parser(prog: str = "losskit bench") -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=pathlib.Path, default=None, metavar="PATH",
                         help="CSV output path (default bench_results/bench_cross_entropy_<date>.csv)")
     parser.add_argument("--reps", type=int, default=None, metavar="N",
-                        help="timed repetitions per entry (default: GPU 20, CPU 5 with --quick else 10)")
+                        help="timed repetitions per entry (default: GPU 20, CPU 5)")
     parser.add_argument("--shapes", type=str, default=None, metavar="NxV[,NxV...]",
                         help="replace the mode's shapes (N must be a multiple of min(N, 2048))")
     return parser
@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None, prog: str = "losskit bench") -> int:
             torch.cuda.empty_cache()
     print()
     print(report.result_table(rows, gib=options.device.type == "cuda"))
-    t5 = report.t5_lines(rows) if options.device.type == "cpu" else []
-    if t5:
+    targets = report.t5_lines(rows) if options.device.type == "cpu" else report.gpu_target_lines(rows)
+    if targets:
         print()
-        print("\n".join(t5))
+        print("\n".join(targets))
     path = args.csv or default_csv_path()
     report.write_csv(path, run_env, bandwidth, rows)
     print(f"\nCSV: {path}")
