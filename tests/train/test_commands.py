@@ -45,6 +45,25 @@ def test_export_missing_checkpoint_is_an_error(tmp_path, capsys):
     assert "ckpt.pt" in capsys.readouterr().err
 
 
+def test_export_tinker_path_says_the_service_is_not_included(tmp_path, capsys):
+    import inspect
+
+    from losskit.contract import ConfigError
+    from losskit.train import export
+
+    out = tmp_path / "hf"
+    assert losskit(["export", "tinker://run-1/weights/final", str(out), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert "tinker:// checkpoints are exported by the training service (losskit serve)" in err
+    assert "export a run directory instead" in err and "'tinker://run-1/weights/final'" in err
+    assert not out.exists()  # nothing written
+    with pytest.raises(ConfigError, match="this version does not include"):
+        export.check_export_source("tinker://x/weights/y")
+    export.check_export_source(str(tmp_path))  # a run directory passes the check
+    # the train layer never reaches up into the service layer, not even through importlib
+    assert "losskit.service" not in inspect.getsource(export)
+
+
 def test_sample(run_dir, capsys):
     assert losskit(["sample", str(run_dir), "--prompt", "The ", "--max_new_tokens", "12", "--temperature", "0"]) == 0
     text = capsys.readouterr().out

@@ -1,7 +1,8 @@
 """`losskit export SRC OUT_DIR [--merge]`: a trained run as a Hugging Face `LlamaForCausalLM` directory.
 
-SRC is a `losskit train` run directory (its ``ckpt.pt``) or a ``tinker://`` path of the training service
-(spec/service.md §3, §10; handled by ``losskit.service``). OUT_DIR receives ``config.json``,
+SRC is a `losskit train` run directory (its ``ckpt.pt``). ``tinker://`` paths (spec/service.md §3, §10) name
+checkpoints of the training service (``losskit serve``), which this version does not include: they are
+rejected with a ``ConfigError`` that says so (the train layer must not import the service layer). OUT_DIR receives ``config.json``,
 ``model.safetensors``, ``generation_config.json`` and the byte-level tokenizer of ``losskit/tiny-lm``
 (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), loadable offline with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``. The project
@@ -16,8 +17,21 @@ import sys
 
 import torch
 
+from losskit.contract import ConfigError
 from losskit.train.model import LlamaLM, ModelConfig, hf_llama_config_dict
 from losskit.train.tokenizer import save_hf_tokenizer
+
+TINKER_SCHEME = "tinker://"
+
+
+def check_export_source(src: str) -> None:
+    """Reject a ``tinker://`` checkpoint path with a ``ConfigError`` naming what to export instead."""
+    if src.startswith(TINKER_SCHEME):
+        raise ConfigError(
+            f"SRC={src!r}: tinker:// checkpoints are exported by the training service (losskit serve), which "
+            "this version does not include; export a run directory instead (an out_dir of `losskit train`, "
+            "holding ckpt.pt)"
+        )
 
 
 def load_run_model(run_dir: str | pathlib.Path) -> tuple[LlamaLM, dict]:
@@ -51,23 +65,16 @@ def main(argv: list[str]) -> int:
         description="Write a trained model in Hugging Face LlamaForCausalLM format with the byte-level tokenizer "
         "of losskit/tiny-lm (config.json, model.safetensors, tokenizer files).",
     )
-    parser.add_argument("src", help="a `losskit train` run directory, or a tinker:// checkpoint path")
+    parser.add_argument("src", help="a `losskit train` run directory (tinker:// paths need the training service, "
+                        "not included in this version)")
     parser.add_argument("out_dir", help="output directory")
-    parser.add_argument("--merge", action="store_true", help="tinker:// LoRA checkpoints: merge the adapter")
+    parser.add_argument("--merge", action="store_true",
+                        help="tinker:// LoRA checkpoints: merge the adapter (no effect on a run directory)")
     args = parser.parse_args(argv)
     try:
-        if args.src.startswith("tinker://"):
-            import importlib
-
-            try:
-                service_export = importlib.import_module("losskit.service.export")
-            except ImportError as exc:
-                print(f"losskit export: error: tinker:// paths need the training service ({exc})", file=sys.stderr)
-                return 2
-            service_export.export_tinker_checkpoint(args.src, args.out_dir, merge=args.merge)
-        else:
-            export_run(args.src, args.out_dir)
-    except FileNotFoundError as exc:
+        check_export_source(args.src)
+        export_run(args.src, args.out_dir)
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"losskit export: error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.out_dir}")
