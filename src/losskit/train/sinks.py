@@ -8,10 +8,14 @@ config (``wandb_log``/``wandb_project``/``wandb_run_name``, ``tensorboard_log``)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import pathlib
 from typing import Any
+
+from losskit.contract import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,14 +38,21 @@ class JSONLSink:
 
 
 class WandbSink:
+    """Weights & Biases: one ``run.log(metrics, step=step)`` per log call; the resolved config as the run config.
+
+    ``wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict, dir=...)``. The run
+    files go under ``$WANDB_DIR`` when that is set (the user's explicit choice), else under ``cfg.out_dir``
+    (``out_dir/wandb/...``), next to the JSONL. With ``WANDB_MODE=offline`` nothing touches the network and
+    the run is kept as ``offline-run-*/run-*.wandb`` for a later ``wandb sync``.
+    """
+
     def __init__(self, cfg: Any, config_dict: dict) -> None:
-        try:
-            import wandb
-        except ImportError as exc:  # the `tracking` extra
-            raise ImportError("wandb_log=True needs wandb: pip install 'losskit[tracking]'") from exc
+        import wandb
+
         self._wandb = wandb
+        run_dir = os.environ.get("WANDB_DIR") or str(cfg.out_dir)
         self._run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict,
-                               dir=str(cfg.out_dir))
+                               dir=run_dir)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(dict(metrics), step=int(step))
@@ -51,17 +62,18 @@ class WandbSink:
 
 
 class TensorBoardSink:
+    """TensorBoard: one scalar per key (the key is the tag) in event files under ``out_dir/tensorboard``."""
+
     def __init__(self, out_dir: str | pathlib.Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # the `tracking` extra
-            raise ImportError("tensorboard_log=True needs tensorboard: pip install 'losskit[tracking]'") from exc
-        self._writer = SummaryWriter(log_dir=str(pathlib.Path(out_dir) / "tensorboard"))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = pathlib.Path(out_dir) / "tensorboard"
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self._writer.add_scalar(k, v, int(step))
-        self._writer.flush()
+        self._writer.flush()  # a crashed or killed run keeps what it logged
 
     def close(self) -> None:
         self._writer.close()
@@ -78,20 +90,47 @@ class Sinks:
             s.log(step, metrics)
 
     def close(self) -> None:
+        """Close every sink, even when one fails (the first failure is re-raised after the rest closed)."""
+        error = None
         for s in self.sinks:
-            s.close()
+            try:
+                s.close()
+            except Exception as exc:  # noqa: BLE001 - keep closing the others, then report
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+def _require(module: str, key: str) -> None:
+    """A clear ``ConfigError`` when the optional package behind ``key=True`` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}=True needs the {module} package, which is not installed; "
+                          f"pip install 'losskit[tracking]' or set {key}=False")
 
 
 def open_sinks(cfg: Any, config_dict: dict, *, append: bool = False, enabled: bool = True) -> Sinks:
-    """JSONL always, plus W&B / TensorBoard per ``cfg``; an empty fan-out on ranks other than 0."""
+    """JSONL always, plus TensorBoard / W&B per ``cfg``; an empty fan-out on ranks other than 0.
+
+    The optional packages are checked before any file is opened, and a sink that fails to open closes the
+    ones opened before it, so a bad setting leaves no half-written metrics behind.
+    """
     if not enabled:
         return Sinks([])
-    sinks: list = [JSONLSink(cfg.out_dir, append=append)]
     if cfg.tensorboard_log:
-        sinks.append(TensorBoardSink(cfg.out_dir))
+        _require("tensorboard", "tensorboard_log")
     if cfg.wandb_log:
-        sinks.append(WandbSink(cfg, config_dict))
-    return Sinks(sinks)
+        _require("wandb", "wandb_log")
+    opened: list = []
+    try:
+        opened.append(JSONLSink(cfg.out_dir, append=append))
+        if cfg.tensorboard_log:
+            opened.append(TensorBoardSink(cfg.out_dir))
+        if cfg.wandb_log:
+            opened.append(WandbSink(cfg, config_dict))
+    except BaseException:
+        Sinks(opened).close()
+        raise
+    return Sinks(opened)
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
