@@ -38,7 +38,7 @@ def layer_of(module: str) -> str | None:
     head = parts[1]
     if head == "__main__":
         return "cli"
-    return head if head in LAYERS else head
+    return head
 
 
 def module_name(path: pathlib.Path) -> str:
