@@ -233,3 +233,17 @@ def test_missing_scikit_learn_names_the_vision_extra(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'losskit\[vision\]'"):
         run(cfg_of(tmp_path / "run", max_iters=1, **TINY))
     assert not (tmp_path / "run").exists()
+
+
+def test_logged_lr_is_the_interval_mean(tmp_path):
+    """§9: ``train/lr`` is an interval mean like the other train keys (warm-up makes it differ from the last lr)."""
+    from losskit.train.diffusion import _lr
+
+    cfg = cfg_of(tmp_path, max_iters=8, warmup_iters=6, log_interval=4, eval_interval=8, **TINY)
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path) if "train/lr" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    for r in rows:
+        its = range(r["step"] - 4, r["step"])
+        assert r["train/lr"] == pytest.approx(sum(_lr(i, cfg) for i in its) / 4, rel=1e-12)
+        assert r["train/lr"] != pytest.approx(_lr(r["step"] - 1, cfg), rel=1e-6)
