@@ -19,6 +19,7 @@ run: setup
 	$(BIN)/losskit train
 
 test: setup
+	$(BIN)/ruff check src tests benchmarks train.py config
 	$(BIN)/python -m pytest -q
 
 bench: setup

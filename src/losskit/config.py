@@ -14,6 +14,9 @@ Sources and their rules:
 
 from __future__ import annotations
 
+import dataclasses as _dc
+import difflib as _difflib
+import math
 import pathlib
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -141,9 +144,6 @@ def load_config(argv: Sequence[str], *, base: Mapping[str, Any] | None = None) -
 # Trainer dataclasses (`losskit train`): common keys with nanoGPT's names, one dataclass per task, and
 # `build_train_config`, which types, validates and rejects unknown keys (spec/modifiers.md §3.10).
 # ==========================================================================================================
-
-import dataclasses as _dc  # noqa: E402
-import difflib as _difflib  # noqa: E402
 
 
 def _key(default: Any, help: str, *, choices: tuple = (), check: Any = None, constraint: str = "") -> Any:
@@ -355,7 +355,7 @@ def _coerce_train_value(key: str, value: Any, field: _dc.Field) -> Any:
             out = float(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a float, got {value!r}") from None
-        if out != out:
+        if math.isnan(out):
             raise ConfigError(f"{key} must be a number (not NaN), got {value!r}")
     elif base == "str":
         if not isinstance(value, str):
@@ -405,7 +405,12 @@ def build_train_config(raw: Mapping[str, Any], *, prefixes: Iterable[str] = ()) 
     Raises:
         ConfigError: unknown task or key, bad type or range, a modifier the task cannot use.
     """
-    from losskit.modifiers.config_keys import MODIFIER_CONFIG_KEYS, SUB_SWITCHES, switch_on, validate_modifier_config
+    from losskit.modifiers.config_keys import (
+        MODIFIER_CONFIG_KEYS,
+        SUB_SWITCHES,
+        switch_on,
+        validate_modifier_config,
+    )
 
     raw = dict(raw)
     task = _coerce_train_value("task", raw.get("task", "lm"), _dc.fields(CommonTrainConfig)[0])
@@ -471,6 +476,13 @@ def train_config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 __all__ += [
-    "CommonTrainConfig", "LMTrainConfig", "TemporalTrainConfig", "DiffusionTrainConfig", "TRAIN_CONFIGS",
-    "TASK_MODIFIERS", "build_train_config", "train_config_keys", "train_config_to_dict",
+    "TASK_MODIFIERS",
+    "TRAIN_CONFIGS",
+    "CommonTrainConfig",
+    "DiffusionTrainConfig",
+    "LMTrainConfig",
+    "TemporalTrainConfig",
+    "build_train_config",
+    "train_config_keys",
+    "train_config_to_dict",
 ]

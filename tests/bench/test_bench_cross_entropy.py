@@ -161,7 +161,7 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 def test_default_csv_path_is_dated_under_bench_results():
     import datetime
 
-    path = cli.default_csv_path(datetime.datetime(2025, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc))
+    path = cli.default_csv_path(datetime.datetime(2025, 3, 4, 5, 6, 7, tzinfo=datetime.UTC))
     assert path == pathlib.Path("bench_results/bench_cross_entropy_2025-03-04T050607Z.csv")
 
 

@@ -82,8 +82,8 @@ def test_plot_writes_png(run_dir, tmp_path):
 def test_compare_table_and_png(tmp_path, tiny_argv, capsys):
     out = tmp_path / "cmp"
     code = losskit(["compare", *tiny_argv, "--max_iters=2", "--variant", "baseline",
-                    "--variant", "smooth:loss_modifiers_enabled=True;target_smoothing_enabled=True;"
-                    "target_smoothing_special_tokens=0,1,2", "--out_dir", str(out)])
+                    "--variant", ("smooth:loss_modifiers_enabled=True;target_smoothing_enabled=True;"
+                    "target_smoothing_special_tokens=0,1,2"), "--out_dir", str(out)])
     assert code == 0
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["variant"] for r in rows] == ["baseline", "smooth"]

@@ -65,7 +65,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
-    loss, grads, logged = _step(0, 1, 8)
+    loss, grads, _logged = _step(0, 1, 8)
     # rank 0's logged loss is share x world averaged over ranks = the whole step loss
     assert ddp["logged"]["train/loss"] == pytest.approx(float(loss), rel=1e-10)
     for a, b in zip(ddp["grads"], grads):

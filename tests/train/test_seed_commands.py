@@ -17,25 +17,26 @@ from losskit.train.cli import main
 from losskit.train.sinks import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SEED = pathlib.Path("/work/shared/seeds/000_8dbc047495973b7b.txt")
+# shared/ lies beside the checkout (and beside CI's clone)
+SEED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "seeds" / "000_8dbc047495973b7b.txt"
 
 SEED_COMMANDS = [
     "python train.py",
     "python train.py --loss_modifiers_enabled=True --target_smoothing_enabled=True --target_smoothing_factor=0.1",
     "python train.py --loss_modifiers_enabled=True --entropy_modifier_enabled=True",
-    "python train.py --loss_modifiers_enabled=True "
+    ("python train.py --loss_modifiers_enabled=True "
     "--target_smoothing_enabled=True --target_smoothing_factor=0.1 "
     "--entropy_modifier_enabled=True --entropy_modifier_weight=1.2 "
-    "--mask_ratio_weight_enabled=True",
-    "python train.py --loss_modifiers_enabled=True --entropy_modifier_enabled=True --entropy_modifier_weight=1.5 "
-    "--target_smoothing_enabled=True --target_smoothing_factor=0.15",
+    "--mask_ratio_weight_enabled=True"),
+    ("python train.py --loss_modifiers_enabled=True --entropy_modifier_enabled=True --entropy_modifier_weight=1.5 "
+    "--target_smoothing_enabled=True --target_smoothing_factor=0.15"),
     "python train.py config/loss_modifiers.py",
-    "python train.py --dataset=custom_text --loss_modifiers_enabled=True --target_smoothing_enabled=True "
-    "--target_smoothing_factor=0.1",
-    "python train.py --loss_modifiers_enabled=True --entropy_modifier_enabled=True "
-    "--entropy_modifier_use_for_weighting=True --entropy_modifier_threshold=0.2",
-    "python train.py --loss_modifiers_enabled=True --mask_ratio_weight_enabled=True --mask_ratio_weight_power=0.5 "
-    "--mask_ratio_weight_max=5.0",
+    ("python train.py --dataset=custom_text --loss_modifiers_enabled=True --target_smoothing_enabled=True "
+    "--target_smoothing_factor=0.1"),
+    ("python train.py --loss_modifiers_enabled=True --entropy_modifier_enabled=True "
+    "--entropy_modifier_use_for_weighting=True --entropy_modifier_threshold=0.2"),
+    ("python train.py --loss_modifiers_enabled=True --mask_ratio_weight_enabled=True --mask_ratio_weight_power=0.5 "
+    "--mask_ratio_weight_max=5.0"),
 ]
 
 EXPECTED_MODIFIERS = [

@@ -87,7 +87,7 @@ def _options(args: argparse.Namespace) -> cross_entropy.Options:
 
 def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
     """``bench_results/bench_cross_entropy_<UTC date and time>.csv``."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     return DEFAULT_CSV_DIR / f"bench_cross_entropy_{now.strftime('%Y-%m-%dT%H%M%SZ')}.csv"
 
 

@@ -125,10 +125,11 @@ def make_problem(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    cfg: losses.AllFeatures = losses.AllFeatures(),
+    cfg: losses.AllFeatures | None = None,
     seed: int = 0,
 ) -> Problem:
     """Anchor inputs: ``randn·2`` logits in ``dtype``, every 7th target −100, per-token weights in [0.5, 1.5)."""
+    cfg = losses.AllFeatures() if cfg is None else cfg
     batch, seq = sequence_shape(num_rows)
     gen = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(batch, seq, num_classes, generator=gen, device=device, dtype=dtype).mul_(2)
@@ -466,15 +467,18 @@ def _status_of(exc: BaseException) -> str:
 def _peak_extra(case: BenchCase, device: torch.device) -> int | None:
     """One untimed run of ``case`` under the device's peak-memory method (None where unsupported)."""
     x = case.prepare()
+
+    def run_once():
+        return case.step(x)
+
     try:
         if device.type == "cuda":
-            return memory.cuda_peak_extra_bytes(lambda: case.step(x))
+            return memory.cuda_peak_extra_bytes(run_once)
         if memory.rss_supported():
-            return memory.host_peak_extra_bytes(lambda: case.step(x))
+            return memory.host_peak_extra_bytes(run_once)
         return None
     finally:
         case.release(x)
-        del x
 
 
 def max_error(entry: Entry, problem: Problem, rows: int = CHECK_ROWS) -> float:
@@ -538,10 +542,10 @@ def run_shape(
         outcome[case.entry.name] = (result, peak, err, status)
     rows = []
     for entry in options.entries:
-        common = dict(
-            name=entry.name, impl=entry.impl, mode=entry.mode, inplace=entry.inplace, N=num_rows, V=num_classes,
-            D="", dtype=_dtype_name(dtype), floor_ms=floor,
-        )
+        common = {
+            "name": entry.name, "impl": entry.impl, "mode": entry.mode, "inplace": entry.inplace, "N": num_rows,
+            "V": num_classes, "D": "", "dtype": _dtype_name(dtype), "floor_ms": floor,
+        }
         if entry.name in skipped:
             rows.append(Row(**common, ms_median=None, ms_min=None, ms_max=None, reps=0, x_floor=None,
                             peak_extra_bytes=None, max_err=None, status=f"skipped: {skipped[entry.name]}"))

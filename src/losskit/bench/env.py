@@ -84,7 +84,7 @@ def describe(device: torch.device) -> Environment:
         name = f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
         capability = torch.backends.cpu.get_cpu_capability()
     return Environment(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         git_commit=git_commit(),
         device=name,
         capability=capability,

@@ -221,7 +221,12 @@ def modifier_pipeline(cfg: AllFeatures, num_classes: int):
     It cannot express the z-loss (no modifier adds one), so its oracle is ``all_features_reference`` at λ = 0.
     Deferred input checks: the trainer's path, with no host read inside the step.
     """
-    from losskit.modifiers import EntropyModifier, LossModifierPipeline, MaskRatioWeightModifier, TargetSmoothingModifier
+    from losskit.modifiers import (
+        EntropyModifier,
+        LossModifierPipeline,
+        MaskRatioWeightModifier,
+        TargetSmoothingModifier,
+    )
     from losskit.modifiers.base import BaseLossModifier, Weights
 
     class TokenWeightModifier(BaseLossModifier):

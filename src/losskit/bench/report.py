@@ -67,7 +67,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown
         lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
         return "\n".join(lines)
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 

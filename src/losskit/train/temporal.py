@@ -17,7 +17,6 @@ import copy
 import csv
 import dataclasses
 import logging
-import math
 import pathlib
 import time
 import warnings
@@ -30,7 +29,7 @@ from torch import nn
 
 from losskit.combined import CombinedLoss
 from losskit.config import train_config_to_dict
-from losskit.contract import ConfigError, EmptyBatchWarning, EMPTY_BATCH_MESSAGE, LossInputError
+from losskit.contract import EMPTY_BATCH_MESSAGE, ConfigError, EmptyBatchWarning, LossInputError
 from losskit.functional.temporal import PresentationSchedule, parse_pattern
 from losskit.losses import CrossEntropyLoss, EnergyLoss
 from losskit.train.runtime import save_resolved_config
@@ -40,8 +39,8 @@ __all__ = [
     "DEFAULT_CRITERION",
     "EpochRow",
     "TemporalDigitsNet",
-    "format_row",
     "format_header",
+    "format_row",
     "load_digits_data",
     "resolve_criterion",
     "run",
