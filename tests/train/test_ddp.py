@@ -45,7 +45,7 @@ def _step(rank: int, world: int, micro: int):
     res = lm.forward_backward(train_model, batches, loss_fn, loss_normalize="global_tokens", world_size=world,
                               metrics=acc)
     acc.add({"train/loss": res.loss, "probe/rank": torch.tensor(float(rank))})
-    logged = acc.compute(keys=sorted(acc._sums))
+    logged = acc.compute(keys=acc.keys())
     return res.loss, [p.grad.clone() for p in model.parameters()], logged
 
 

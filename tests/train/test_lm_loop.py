@@ -67,8 +67,10 @@ def test_metric_accumulator_averages_over_the_interval():
     for v in (0.6, 0.7, 0.8):
         acc.add({"loss_modifiers/Stub.value": torch.tensor(v)})
     acc.add({"other": torch.tensor(2.0)})
+    assert acc.keys() == ["loss_modifiers/Stub.value", "other"]
     assert acc.compute() == pytest.approx({"loss_modifiers/Stub.value": 0.7, "other": 2.0})
     acc.reset()
+    assert acc.keys() == []
     assert acc.compute() == {}
 
 

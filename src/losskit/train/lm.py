@@ -351,8 +351,8 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
             tokens_since += res.tokens * rt.world_size
             bar.update(1)
             if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-                keys = sorted(set(metrics._sums))  # same on every rank: same modifiers, same steps
-                row = metrics.compute(keys=keys)
+                # the key set is the same on every rank (same modifiers, same steps), as compute() needs under DDP
+                row = metrics.compute(keys=metrics.keys())
                 metrics.reset()
                 now = time.perf_counter()
                 tokens_per_sec = tokens_since / max(now - t_log, 1e-9)

@@ -32,6 +32,10 @@ class MetricAccumulator:
     def __len__(self) -> int:
         return len(self._sums)
 
+    def keys(self) -> list[str]:
+        """The metric names seen since the last ``reset()``, sorted (the key order ``compute`` uses by default)."""
+        return sorted(self._sums)
+
     def compute(self, *, group=None, keys: list[str] | None = None) -> dict[str, float]:
         """Interval means as floats, averaged over DDP ranks when a process group is initialised.
 
@@ -40,7 +44,7 @@ class MetricAccumulator:
         """
         import torch.distributed as dist
 
-        names = sorted(self._sums) if keys is None else list(keys)
+        names = self.keys() if keys is None else list(keys)
         if not names:
             return {}
         device = next(iter(self._sums.values())).device if self._sums else torch.device("cpu")
