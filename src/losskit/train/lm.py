@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import pathlib
 import sys
@@ -37,6 +36,7 @@ from losskit.train.data import IGNORE_INDEX, BatchSampler, LMData, SequenceSet, 
 from losskit.train.metrics import MetricAccumulator
 from losskit.train.model import LlamaLM, ModelConfig, swiglu_hidden_size
 from losskit.train.runtime import Runtime, save_resolved_config, setup_runtime, teardown_runtime
+from losskit.train.schedule import get_lr
 from losskit.train.sinks import open_sinks
 from losskit.train.tokenizer import VOCAB_SIZE
 
@@ -56,20 +56,6 @@ def model_config_from(cfg: Any) -> ModelConfig:
         dropout=cfg.dropout,
         bias=cfg.bias,
     )
-
-
-def get_lr(it: int, cfg: Any) -> float:
-    """nanoGPT's schedule: linear warmup, then cosine from ``learning_rate`` down to ``min_lr``."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
-    if it >= decay_iters or decay_iters <= cfg.warmup_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
 def configure_optimizer(model: torch.nn.Module, cfg: Any, device_type: str) -> torch.optim.AdamW:
