@@ -317,7 +317,6 @@ class EnergyLoss(BaseLoss):
         track_activity: bool = False,
     ) -> None:
         super().__init__(reduction)
-        exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self._recorder = EnergyRecorder(
             p,
             unit_norm=unit_norm,
@@ -382,19 +381,9 @@ class ActivityLoss(EnergyLoss):
     """``EnergyLoss`` over opt-in modules only (the reference's ActivityLoss): ``select="marked"`` by default.
 
     Mark modules with ``losskit.hooks.monitor_energy(module)`` (the reference's ``_activity_monitor =
-    "absolute"`` attribute counts as a mark too).
+    "absolute"`` attribute counts as a mark too). Takes the arguments of ``EnergyLoss``.
     """
 
-    def __init__(
-        self,
-        reduction: str = "mean",
-        p: float = 1,
-        *,
-        unit_norm: str = "n_units",
-        select: str = "marked",
-        exclude: Iterable[str] = (),
-        track_activity: bool = False,
-    ) -> None:
-        super().__init__(
-            reduction, p, unit_norm=unit_norm, select=select, exclude=exclude, track_activity=track_activity
-        )
+    def __init__(self, *args, select: str = "marked", **kwargs) -> None:
+        # Only the default of ``select`` differs; every other argument is EnergyLoss's, with its defaults.
+        super().__init__(*args, select=select, **kwargs)
