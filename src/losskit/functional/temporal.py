@@ -98,14 +98,17 @@ def stretch_pattern(base: Sequence[int], n_timesteps: int, *, warn: bool = True)
     length = len(base)
     out = tuple(int(base[(t * length) // n_timesteps]) for t in range(n_timesteps))
     if warn and n_timesteps % length:
-        warnings.warn(
-            f"n_timesteps={n_timesteps} is not a multiple of the pattern length L={length}; the pattern "
-            f"{''.join(map(str, base))!r} is stretched by present[t] = base[floor(t*L/T)] to "
-            f"{''.join(map(str, out))!r}",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_stretch_message(base, out), UserWarning, stacklevel=2)
     return out
+
+
+def _stretch_message(base: Sequence[int], stretched: Sequence[int]) -> str:
+    """The not-a-multiple warning of ``stretch_pattern`` (also issued by ``PresentationSchedule.build``)."""
+    return (
+        f"n_timesteps={len(stretched)} is not a multiple of the pattern length L={len(base)}; the pattern "
+        f"{''.join(map(str, base))!r} is stretched by present[t] = base[floor(t*L/T)] to "
+        f"{''.join(map(str, stretched))!r}"
+    )
 
 
 def find_chunks(present: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -226,13 +229,8 @@ class PresentationSchedule:
         k = reaction_steps(loss_reaction_time, dt)
         stretched = stretch_pattern(base, n_timesteps, warn=False)
         if n_timesteps % len(base):
-            warnings.warn(
-                f"n_timesteps={n_timesteps} is not a multiple of the pattern length L={len(base)}; the pattern "
-                f"{''.join(map(str, base))!r} is stretched by present[t] = base[floor(t*L/T)] to "
-                f"{''.join(map(str, stretched))!r}",
-                UserWarning,
-                stacklevel=2,
-            )
+            # Issued here rather than by stretch_pattern so that it points at the caller of build.
+            warnings.warn(_stretch_message(base, stretched), UserWarning, stacklevel=2)
         chunks = find_chunks(stretched)
         covered = [(onset, length) for onset, length in chunks if k >= length]
         if covered:
