@@ -31,6 +31,7 @@ from torch import nn
 
 from losskit import registry
 from losskit.contract import ConfigError
+from losskit.losses import INPUT_CHECKS
 
 __all__ = ["CombinedLoss", "CombinedLossOutput", "CriterionSpec"]
 
@@ -214,7 +215,7 @@ class CombinedLoss(nn.Module):
         """Set ``input_checks`` (``"immediate"``/``"deferred"``) on every criterion that has the option."""
         for module in self.criteria:
             if hasattr(module, "input_checks"):
-                if mode not in ("immediate", "deferred"):
+                if mode not in INPUT_CHECKS:
                     raise ConfigError(f"input_checks must be 'immediate' or 'deferred', got {mode!r}")
                 module.input_checks = mode
 
@@ -247,7 +248,7 @@ class CombinedLoss(nn.Module):
             total = term if total is None else total + term
         if not return_components:
             return total
-        return CombinedLossOutput(total, components, {s.label: s.weight for s in self.specs})
+        return CombinedLossOutput(total, components, self.weights)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{s.label}: {s.weight:g}" for s in self.specs)
