@@ -13,12 +13,9 @@ import math
 import torch
 
 from losskit.contract import LossInputError
+from losskit.functional.diffusion_weights import _compute_dtype
 
 __all__ = ["sangoi_mape", "sangoi_relative_error", "sangoi_weight", "sangoi_weight_from_mape"]
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _check_snr_range(min_snr: float, max_snr: float) -> None:
