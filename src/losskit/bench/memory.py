@@ -15,11 +15,12 @@ import ctypes
 import ctypes.util
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from losskit.bench.timing import CudaEventTimer, HostTimer
 
 MIB = 1024**2
 GIB = 1024**3
@@ -91,22 +92,9 @@ def copy_bandwidth(nbytes: int, device: torch.device | str, *, reps: int = 5) ->
     src.fill_(1)  # touch every page so the first timed copy does not pay for page faults
     dst = torch.empty_like(src)
     dst.fill_(0)
-    times = []
-    for i in range(reps + 1):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        if i > 0:
-            times.append(seconds)
-    return 2 * nbytes / statistics.median(times)
+    timer = CudaEventTimer() if device.type == "cuda" else HostTimer()
+    times_ms = [timer(lambda: dst.copy_(src)) for _ in range(reps + 1)][1:]  # the first copy is the warm-up
+    return 2 * nbytes / (statistics.median(times_ms) / 1e3)
 
 
 def floor_ms(num_rows: int, num_classes: int, element_bytes: int, bandwidth: float) -> float:
