@@ -21,6 +21,7 @@ implementation can build on them.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ from losskit.contract import (
     StepCounts,
     check_choice,
     check_finite_logits,
+    check_ignore_index,
     check_logits_target,
     check_target_range,
     validity_mask,
@@ -44,6 +46,7 @@ from losskit.functional.reduce import masked_mean, masked_sum, warn_empty
 
 __all__ = [
     "check_label_smoothing",
+    "check_z_loss",
     "cross_entropy",
     "entropy",
     "exclude_ids",
@@ -59,16 +62,24 @@ _NEG_INF = float("-inf")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def exclude_ids(smoothing_exclude: Iterable[int] | torch.Tensor | None, num_classes: int) -> tuple[int, ...]:
+def exclude_ids(
+    smoothing_exclude: Iterable[int] | torch.Tensor | None,
+    num_classes: int,
+    *,
+    name: str = "smoothing_exclude",
+) -> tuple[int, ...]:
     """The excluded ids X as a sorted tuple of distinct ints, checked against ``[0, V)``.
+
+    Also the one validator of every other class-id list (``kernels`` passes ``name="hard_target_ids"``), so
+    the functional and the fast path reject bad ids with the same message.
 
     Args:
         smoothing_exclude: list/tuple/set/range of ints, a 0-d or 1-D integer tensor, or None (empty).
         num_classes: V.
+        name: the argument named in error messages.
 
     Raises:
-        LossInputError: an id is not an integer or lies outside ``[0, V)`` (names ``smoothing_exclude``, the
-            id and V).
+        LossInputError: an id is not an integer or lies outside ``[0, V)`` (names ``name``, the id and V).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise LossInputError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -81,35 +92,33 @@ def exclude_ids(smoothing_exclude: Iterable[int] | torch.Tensor | None, num_clas
             or (smoothing_exclude.dtype == torch.bool)
         ):
             raise LossInputError(
-                f"smoothing_exclude must hold integer class ids, got a tensor of dtype {smoothing_exclude.dtype}"
+                f"{name} must hold integer class ids, got a tensor of dtype {smoothing_exclude.dtype}"
             )
         if smoothing_exclude.dim() > 1:
             raise LossInputError(
-                f"smoothing_exclude must be a 1-D tensor of class ids, got shape {tuple(smoothing_exclude.shape)}"
+                f"{name} must be a 1-D tensor of class ids, got shape {tuple(smoothing_exclude.shape)}"
             )
         # A list of ids is configuration, not a training-step tensor: reading it is a one-off.
         items = smoothing_exclude.reshape(-1).tolist()
     elif isinstance(smoothing_exclude, (str, bytes)) or not isinstance(smoothing_exclude, Iterable):
         raise LossInputError(
-            f"smoothing_exclude must be a list, tuple, set or 1-D tensor of class ids, "
-            f"got {type(smoothing_exclude).__name__}"
+            f"{name} must be a list, tuple, set or 1-D tensor of class ids, got {type(smoothing_exclude).__name__}"
         )
     else:
         items = list(smoothing_exclude)
     ids = set()
     for item in items:
         if isinstance(item, bool):
-            raise LossInputError(f"smoothing_exclude must hold integer class ids, got {item!r}")
+            raise LossInputError(f"{name} must hold integer class ids, got {item!r}")
         try:
             idx = operator.index(item)
         except TypeError:
             raise LossInputError(
-                f"smoothing_exclude must hold integer class ids, got {item!r} ({type(item).__name__})"
+                f"{name} must hold integer class ids, got {item!r} ({type(item).__name__})"
             ) from None
         if not 0 <= idx < num_classes:
             raise LossInputError(
-                f"smoothing_exclude: class id {idx} is outside [0, V) with V={num_classes}; "
-                f"expected ids in [0, {num_classes})"
+                f"{name}: class id {idx} is outside [0, V) with V={num_classes}; expected ids in [0, {num_classes})"
             )
         ids.add(idx)
     return tuple(sorted(ids))
@@ -158,6 +167,21 @@ def check_label_smoothing(label_smoothing: float, smoothing_convention: str, sup
                 f"label_smoothing={label_smoothing} with smoothing_convention={smoothing_convention!r} "
                 f"needs K >= {need}"
             )
+
+
+def check_z_loss(z_loss: float) -> float:
+    """Validate the PaLM z-loss coefficient λ (a finite number ``>= 0``) and return it as a float.
+
+    Raises:
+        LossInputError: naming ``z_loss`` and the value.
+    """
+    if (
+        isinstance(z_loss, bool)
+        or not isinstance(z_loss, numbers.Real)
+        or not 0.0 <= float(z_loss) < math.inf
+    ):
+        raise LossInputError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return float(z_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,20 +345,13 @@ def cross_entropy(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("normalize", normalize, NORMALIZERS)
     check_logits_target(logits, target, mask=mask, token_weight=token_weight)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise LossInputError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     num_classes = logits.shape[-1]
     excluded = exclude_ids(smoothing_exclude, num_classes)
     support_size = num_classes - len(excluded)
     check_label_smoothing(label_smoothing, smoothing_convention, support_size)
     eps = float(label_smoothing)
-    if (
-        isinstance(z_loss, bool)
-        or not isinstance(z_loss, numbers.Real)
-        or not 0.0 <= float(z_loss) < float("inf")
-    ):
-        raise LossInputError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    lam = float(z_loss)
+    lam = check_z_loss(z_loss)
     if reduction == "mean" and normalize == "global_tokens" and step_counts is None:
         raise LossInputError(
             'step_counts is required with normalize="global_tokens" (build it with '

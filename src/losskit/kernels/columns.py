@@ -9,44 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Iterable
 
 import torch
 
-from losskit.contract import LossInputError
+from losskit.functional.cross_entropy import exclude_ids
 
 
 def normalize_ids(ids: Iterable[int] | torch.Tensor | None, num_classes: int, name: str) -> tuple[int, ...]:
     """Sorted, de-duplicated class ids in ``[0, V)``; ``LossInputError`` naming ``name`` otherwise.
 
-    A tensor is accepted for convenience; it is read on the host (configuration, not step data), so pass a
-    list or tuple on the hot path.
+    ``functional.exclude_ids`` under the kernels' argument name, so that a bad id gets the functional call's
+    message on every path. A tensor is accepted for convenience; it is read on the host (configuration, not
+    step data), so pass a list or tuple on the hot path.
     """
-    if ids is None:
-        return ()
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() > 1 or (
-            ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
-        ):
-            raise LossInputError(
-                f"{name} must be a 1-D integer tensor or a list of ints, got {ids.dtype} {tuple(ids.shape)}"
-            )
-        values = [int(v) for v in ids.reshape(-1).to("cpu").numpy()] if ids.numel() else []
-    else:
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-            raise LossInputError(f"{name} must be a list of class ids, got {type(ids).__name__}")
-        values = []
-        for v in ids:
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise LossInputError(f"{name} must contain integer class ids, got {v!r}")
-            values.append(int(v))
-    bad = [v for v in values if not 0 <= v < num_classes]
-    if bad:
-        raise LossInputError(
-            f"{name}: id {bad[0]} is outside [0, V={num_classes}); expected class ids in [0, {num_classes})"
-        )
-    return tuple(sorted(set(values)))
+    return exclude_ids(ids, num_classes, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
