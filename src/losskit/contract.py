@@ -7,6 +7,7 @@ in these types. This module imports only torch and the standard library.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -282,3 +283,11 @@ def check_finite_logits(
                 f"first at {_position(row, lead)} column {col}; the smoothed loss would be inf. Exclude such "
                 f"columns from smoothing with {smoothing_key}"
             )
+
+
+def check_ignore_index(ignore_index: Any) -> None:
+    """Raise ``LossInputError`` unless ``ignore_index`` is an integer (not a bool) or None."""
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+    ):
+        raise LossInputError(f"ignore_index must be an int or None, got {ignore_index!r}")

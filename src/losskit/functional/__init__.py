@@ -7,6 +7,7 @@
 
 from losskit.functional.cross_entropy import (
     check_label_smoothing,
+    check_z_loss,
     cross_entropy,
     entropy,
     exclude_ids,
@@ -24,6 +25,7 @@ from losskit.functional.reduce import (
 
 __all__ = [
     "check_label_smoothing",
+    "check_z_loss",
     "cross_entropy",
     "entropy",
     "exclude_ids",

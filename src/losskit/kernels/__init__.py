@@ -34,6 +34,7 @@ from losskit.contract import (
     check_finite_logits,
     check_target_range,
 )
+from losskit.functional.cross_entropy import check_z_loss
 from losskit.functional.reduce import normalizer as reduce_normalizer
 from losskit.functional.reduce import warn_empty
 from losskit.kernels import chunked, reference
@@ -152,16 +153,6 @@ def token_stats(
     return _to_token_stats(_fields(logits, prep, resolved, inplace_grad, chunk_bytes), prep)
 
 
-def _check_z_loss(z_loss) -> float:
-    if (
-        isinstance(z_loss, bool)
-        or not isinstance(z_loss, numbers.Real)
-        or not 0.0 <= float(z_loss) < math.inf
-    ):
-        raise LossInputError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    return float(z_loss)
-
-
 def _check_scalar_tensor(name: str, value, device: torch.device, *, allow_none: bool):
     if value is None:
         if allow_none:
@@ -237,7 +228,7 @@ def fused_token_loss(
     check_choice("reduction", reduction, FUSED_REDUCTIONS)
     check_choice("grad_mode", grad_mode, GRAD_MODES)
     _check_bool("inplace_grad", inplace_grad)
-    lam = _check_z_loss(z_loss)
+    lam = check_z_loss(z_loss)
     prep = prepare(
         logits,
         target,
@@ -384,7 +375,7 @@ def cross_entropy(
         token_weight=token_weight,
     )
     eps = check_label_smoothing(label_smoothing, smoothing_convention, prep.num_support)
-    lam = _check_z_loss(z_loss)
+    lam = check_z_loss(z_loss)
     valid = prep.valid.reshape(prep.lead_shape)
     denom = None
     if reduction == "mean":

@@ -8,17 +8,11 @@ tensor value on the host. ``prepare_smoothing`` adds the per-row smoothing facto
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import torch
 
-from losskit.contract import (
-    SMOOTHING_CONVENTIONS,
-    LossInputError,
-    check_choice,
-    check_logits_target,
-    validity_mask,
-)
+from losskit.contract import check_ignore_index, check_logits_target, validity_mask
+from losskit.functional.cross_entropy import check_label_smoothing as functional_check_label_smoothing
 from losskit.kernels.columns import ColumnSet, member_set, normalize_ids, support_set
 
 
@@ -67,10 +61,7 @@ def prepare(
 ) -> Prepared:
     """Check shapes and dtypes (no value reads) and build the per-row tensors of a call."""
     check_logits_target(logits, target, mask=mask, token_weight=token_weight)
-    if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
-    ):
-        raise LossInputError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     v = logits.shape[-1]
     dtype = compute_dtype(logits)
     excluded = normalize_ids(smoothing_exclude, v, "smoothing_exclude")
@@ -111,21 +102,12 @@ class Smoothing:
 
 
 def check_label_smoothing(eps, convention: str, num_support: int) -> float:
-    """Host check of ``0 <= ε < 1`` and of the support size the convention needs (K ≥ 1 / K ≥ 2)."""
-    check_choice("smoothing_convention", convention, SMOOTHING_CONVENTIONS)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise LossInputError(f"label_smoothing must be a float in [0, 1), got {eps!r}")
-    eps = float(eps)
-    if not 0.0 <= eps < 1.0:
-        raise LossInputError(f"label_smoothing must be in [0, 1), got {eps}")
-    if eps > 0:
-        need = 1 if convention == "torch" else 2
-        if num_support < need:
-            raise LossInputError(
-                f'label_smoothing={eps} with smoothing_convention="{convention}" needs at least {need} '
-                f"smoothing classes (K = V - len(smoothing_exclude) >= {need}), got K={num_support}"
-            )
-    return eps
+    """``functional.check_label_smoothing`` (``0 <= ε < 1``, a known convention, K ≥ 1 / K ≥ 2), returning ε.
+
+    The functional check is reused so both paths reject bad settings with the same message.
+    """
+    functional_check_label_smoothing(eps, convention, num_support)
+    return float(eps)
 
 
 def prepare_smoothing(
