@@ -15,7 +15,6 @@ Sources and their rules:
 from __future__ import annotations
 
 import dataclasses as _dc
-import difflib as _difflib
 import math
 import pathlib
 import types
@@ -24,7 +23,21 @@ from typing import Any
 
 from losskit.contract import ConfigError
 
-__all__ = ["load_config", "load_config_file", "merge_config", "parse_overrides"]
+__all__ = [
+    "TASK_MODIFIERS",
+    "TRAIN_CONFIGS",
+    "CommonTrainConfig",
+    "DiffusionTrainConfig",
+    "LMTrainConfig",
+    "TemporalTrainConfig",
+    "build_train_config",
+    "load_config",
+    "load_config_file",
+    "merge_config",
+    "parse_overrides",
+    "train_config_keys",
+    "train_config_to_dict",
+]
 
 _PY_SUFFIXES = (".py",)
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -154,8 +167,10 @@ def _key(default: Any, help: str, *, choices: tuple = (), check: Any = None, con
     return _dc.field(default=default, metadata=meta)
 
 
-_POS = (lambda v: v > 0, "> 0")
-_NONNEG = (lambda v: v >= 0, ">= 0")
+# Range presets for _key: the predicate and the text quoted by its error message, kept side by side.
+_POS = {"check": lambda v: v > 0, "constraint": "> 0"}
+_NONNEG = {"check": lambda v: v >= 0, "constraint": ">= 0"}
+_UNIT = {"check": lambda v: 0 <= v < 1, "constraint": "in [0, 1)"}
 
 
 @_dc.dataclass
@@ -164,11 +179,9 @@ class CommonTrainConfig:
 
     task: str = _key("lm", "training task", choices=("lm", "temporal", "diffusion"))
     out_dir: str = _key("out/lm", "run directory: checkpoint, config.yaml, metrics.jsonl")
-    eval_interval: int = _key(250, "evaluate val/loss every this many iterations (and at the end)",
-                              check=_POS[0], constraint="> 0")
-    log_interval: int = _key(25, "console line and metric sinks every this many iterations",
-                             check=_POS[0], constraint="> 0")
-    eval_iters: int = _key(20, "validation batches per evaluation", check=_POS[0], constraint="> 0")
+    eval_interval: int = _key(250, "evaluate val/loss every this many iterations (and at the end)", **_POS)
+    log_interval: int = _key(25, "console line and metric sinks every this many iterations", **_POS)
+    eval_iters: int = _key(20, "validation batches per evaluation", **_POS)
     eval_only: bool = _key(False, "evaluate once and exit (nanoGPT)")
     always_save_checkpoint: bool = _key(False, "save at every eval, not only when val/loss improves")
     init_from: str = _key("scratch", "'scratch' or 'resume' (from out_dir/ckpt.pt)", choices=("scratch", "resume"))
@@ -178,25 +191,24 @@ class CommonTrainConfig:
     tensorboard_log: bool = _key(False, "write TensorBoard event files into out_dir/tensorboard")
     dataset: str = _key("pydoc_topics", "'pydoc_topics' (embedded corpus) or 'custom_text' (your own text)")
     data: str | None = _key(None, "path of your own .txt file or folder of .txt files")
-    gradient_accumulation_steps: int = _key(1, "micro-batches per optimizer step (per process)",
-                                            check=_POS[0], constraint="> 0")
-    batch_size: int = _key(16, "sequences per micro-batch", check=_POS[0], constraint="> 0")
-    block_size: int = _key(128, "sequence length (tokens)", check=_POS[0], constraint="> 0")
-    n_layer: int = _key(4, "transformer blocks", check=_POS[0], constraint="> 0")
-    n_head: int = _key(4, "attention heads", check=_POS[0], constraint="> 0")
-    n_embd: int = _key(128, "model width", check=_POS[0], constraint="> 0")
-    dropout: float = _key(0.0, "attention dropout", check=lambda v: 0 <= v < 1, constraint="in [0, 1)")
+    gradient_accumulation_steps: int = _key(1, "micro-batches per optimizer step (per process)", **_POS)
+    batch_size: int = _key(16, "sequences per micro-batch", **_POS)
+    block_size: int = _key(128, "sequence length (tokens)", **_POS)
+    n_layer: int = _key(4, "transformer blocks", **_POS)
+    n_head: int = _key(4, "attention heads", **_POS)
+    n_embd: int = _key(128, "model width", **_POS)
+    dropout: float = _key(0.0, "attention dropout", **_UNIT)
     bias: bool = _key(False, "biases in linear layers (export: attention_bias and mlp_bias)")
-    learning_rate: float = _key(3e-3, "peak learning rate (AdamW)", check=_POS[0], constraint="> 0")
-    max_iters: int = _key(500, "optimizer steps", check=_NONNEG[0], constraint=">= 0")
-    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)", check=_NONNEG[0], constraint=">= 0")
-    beta1: float = _key(0.9, "AdamW beta1", check=lambda v: 0 <= v < 1, constraint="in [0, 1)")
-    beta2: float = _key(0.99, "AdamW beta2", check=lambda v: 0 <= v < 1, constraint="in [0, 1)")
-    grad_clip: float = _key(1.0, "clip the global gradient norm (0 = off)", check=_NONNEG[0], constraint=">= 0")
+    learning_rate: float = _key(3e-3, "peak learning rate (AdamW)", **_POS)
+    max_iters: int = _key(500, "optimizer steps", **_NONNEG)
+    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)", **_NONNEG)
+    beta1: float = _key(0.9, "AdamW beta1", **_UNIT)
+    beta2: float = _key(0.99, "AdamW beta2", **_UNIT)
+    grad_clip: float = _key(1.0, "clip the global gradient norm (0 = off)", **_NONNEG)
     decay_lr: bool = _key(True, "cosine learning-rate decay after warmup")
-    warmup_iters: int = _key(50, "linear warmup steps", check=_NONNEG[0], constraint=">= 0")
+    warmup_iters: int = _key(50, "linear warmup steps", **_NONNEG)
     lr_decay_iters: int | None = _key(None, "end of the cosine decay (None = max_iters)")
-    min_lr: float = _key(3e-4, "learning rate at the end of the decay", check=_NONNEG[0], constraint=">= 0")
+    min_lr: float = _key(3e-4, "learning rate at the end of the decay", **_NONNEG)
     backend: str = _key("auto", "DDP backend: 'auto' (nccl on CUDA, else gloo), 'nccl', 'gloo'",
                         choices=("auto", "nccl", "gloo"))
     device: str = _key("auto", "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N', 'mps'")
@@ -246,20 +258,18 @@ class TemporalTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
 
     out_dir: str = _key("out/temporal", "run directory")
     dataset: str = _key("digits", "scikit-learn's bundled digits")
-    batch_size: int = _key(64, "images per batch", check=_POS[0], constraint="> 0")
-    learning_rate: float = _key(3e-3, "Adam learning rate", check=_POS[0], constraint="> 0")
+    batch_size: int = _key(64, "images per batch", **_POS)
+    learning_rate: float = _key(3e-3, "Adam learning rate", **_POS)
     seed: int = _key(0, "random seed")
     device: str = _key("cpu", "'cpu', 'cuda', ...")
-    epochs: int = _key(30, "training epochs", check=_POS[0], constraint="> 0")
-    n_timesteps: int = _key(8, "timesteps per presentation", check=_POS[0], constraint="> 0")
+    epochs: int = _key(30, "training epochs", **_POS)
+    n_timesteps: int = _key(8, "timesteps per presentation", **_POS)
     pattern: str = _key("1011", "presentation pattern of stimulus (1) and null (0) steps")
-    dt: float = _key(2.0, "integration step", check=_POS[0], constraint="> 0")
-    loss_reaction_time: float = _key(2.0, "reaction time masked out of the loss", check=_NONNEG[0],
-                                     constraint=">= 0")
-    tau: float = _key(4.0, "time constant (leak alpha = dt/tau, 0 < alpha <= 1)", check=_POS[0],
-                      constraint="> 0")
-    noise_std: float = _key(0.5, "stimulus noise standard deviation", check=_NONNEG[0], constraint=">= 0")
-    channels: int = _key(16, "feature channels", check=_POS[0], constraint="> 0")
+    dt: float = _key(2.0, "integration step", **_POS)
+    loss_reaction_time: float = _key(2.0, "reaction time masked out of the loss", **_NONNEG)
+    tau: float = _key(4.0, "time constant (leak alpha = dt/tau, 0 < alpha <= 1)", **_POS)
+    noise_std: float = _key(0.5, "stimulus noise standard deviation", **_NONNEG)
+    channels: int = _key(16, "feature channels", **_POS)
     criterion: list | None = _key(None, "weighted loss list (spec/temporal.md §4); None = CE + 0.05 energy")
     num_threads: int | None = _key(1, "torch intra-op threads on CPU (None = torch's default)")
     energy_weight: float | None = _key(None, "overrides the weight of the energy_loss criterion entry")
@@ -271,26 +281,25 @@ class DiffusionTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
 
     out_dir: str = _key("out/diffusion", "run directory")
     dataset: str = _key("digits", "scikit-learn's bundled digits")
-    batch_size: int = _key(128, "images per batch", check=_POS[0], constraint="> 0")
-    learning_rate: float = _key(2e-3, "AdamW learning rate", check=_POS[0], constraint="> 0")
-    weight_decay: float = _key(0.0, "AdamW weight decay", check=_NONNEG[0], constraint=">= 0")
-    warmup_iters: int = _key(100, "linear warmup steps", check=_NONNEG[0], constraint=">= 0")
-    min_lr: float = _key(0.0, "learning rate at the end of the cosine decay", check=_NONNEG[0], constraint=">= 0")
-    max_iters: int = _key(3000, "optimizer steps", check=_NONNEG[0], constraint=">= 0")
-    log_interval: int = _key(100, "bucket metrics and console line interval", check=_POS[0], constraint="> 0")
-    eval_interval: int = _key(1000, "eval x0-MSE interval (also at step 0 and the end)", check=_POS[0],
-                              constraint="> 0")
+    batch_size: int = _key(128, "images per batch", **_POS)
+    learning_rate: float = _key(2e-3, "AdamW learning rate", **_POS)
+    weight_decay: float = _key(0.0, "AdamW weight decay", **_NONNEG)
+    warmup_iters: int = _key(100, "linear warmup steps", **_NONNEG)
+    min_lr: float = _key(0.0, "learning rate at the end of the cosine decay", **_NONNEG)
+    max_iters: int = _key(3000, "optimizer steps", **_NONNEG)
+    log_interval: int = _key(100, "bucket metrics and console line interval", **_POS)
+    eval_interval: int = _key(1000, "eval x0-MSE interval (also at step 0 and the end)", **_POS)
     seed: int = _key(1337, "random seed")
     loss_modifiers_enabled: Any = _dc.field(default=True, metadata={"help": "master switch (on for diffusion)",
                                                                      "modifier": True})
     schedule: str = _key("cosine", "noise schedule", choices=("cosine", "linear", "scaled_linear", "flow"))
-    num_timesteps: int = _key(1000, "diffusion timesteps T", check=_POS[0], constraint="> 0")
+    num_timesteps: int = _key(1000, "diffusion timesteps T", **_POS)
     zero_terminal_snr: bool = _key(False, "rescale the VP schedule to SNR 0 at t = T-1")
-    model_width: int = _key(256, "denoiser MLP width", check=_POS[0], constraint="> 0")
-    model_depth: int = _key(3, "residual blocks", check=_POS[0], constraint="> 0")
+    model_width: int = _key(256, "denoiser MLP width", **_POS)
+    model_depth: int = _key(3, "residual blocks", **_POS)
     num_threads: int | None = _key(1, "torch intra-op threads on CPU (None = torch's default)")
-    diffusion_buckets: int = _key(10, "timestep buckets for logging and eval", check=_POS[0], constraint="> 0")
-    sample_steps: int = _key(100, "DDIM / Euler sampling steps", check=_POS[0], constraint="> 0")
+    diffusion_buckets: int = _key(10, "timestep buckets for logging and eval", **_POS)
+    sample_steps: int = _key(100, "DDIM / Euler sampling steps", **_POS)
 
 
 #: task name -> its config dataclass.
@@ -313,9 +322,6 @@ def train_config_keys(cls: type) -> dict[str, _dc.Field]:
     return {f.name: f for f in _dc.fields(cls) if not f.metadata.get("internal")}
 
 
-_BOOL = {"true": True, "1": True, "false": False, "0": False}
-
-
 def _coerce_train_value(key: str, value: Any, field: _dc.Field) -> Any:
     """Type ``value`` by the field's declared annotation (``int``, ``float``, ``bool``, ``str``, ``X | None``,
     ``list | None``) and check its range; strings from the command line are parsed."""
@@ -326,14 +332,9 @@ def _coerce_train_value(key: str, value: Any, field: _dc.Field) -> Any:
         return None
     out: Any
     if base == "bool":
-        if isinstance(value, bool):
-            out = value
-        elif isinstance(value, int) and value in (0, 1):
-            out = bool(value)
-        elif isinstance(value, str) and value.strip().lower() in _BOOL:
-            out = _BOOL[value.strip().lower()]
-        else:
-            raise ConfigError(f"{key} must be a bool (True/False/true/false/1/0), got {value!r}")
+        from losskit.modifiers.config_keys import coerce_bool
+
+        out = coerce_bool(key, value)
     elif base == "int":
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be an int, got {value!r}")
@@ -384,13 +385,9 @@ def _coerce_train_value(key: str, value: Any, field: _dc.Field) -> Any:
 
 
 def _unknown_train_key(key: str, valid: list[str]) -> ConfigError:
-    from losskit.modifiers.config_keys import LEGACY_HINTS
+    from losskit.modifiers.config_keys import unknown_key_message
 
-    if key in LEGACY_HINTS:
-        return ConfigError(f"unknown config key {key!r}; {LEGACY_HINTS[key]}")
-    close = _difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}?" if close else "`losskit train --help` lists every key"
-    return ConfigError(f"unknown config key {key!r}; {hint}")
+    return ConfigError(unknown_key_message(key, valid, fallback="`losskit train --help` lists every key"))
 
 
 def build_train_config(raw: Mapping[str, Any], *, prefixes: Iterable[str] = ()) -> Any:
@@ -474,15 +471,3 @@ def train_config_to_dict(cfg: Any) -> dict[str, Any]:
     out.update(getattr(cfg, "extra_modifier_keys", {}) or {})
     return out
 
-
-__all__ += [
-    "TASK_MODIFIERS",
-    "TRAIN_CONFIGS",
-    "CommonTrainConfig",
-    "DiffusionTrainConfig",
-    "LMTrainConfig",
-    "TemporalTrainConfig",
-    "build_train_config",
-    "train_config_keys",
-    "train_config_to_dict",
-]

@@ -49,6 +49,9 @@ def test_overrides_are_typed_by_the_declared_type():
     c = build_train_config(load_config(["--max_iters=7", "--bias=true", "--learning_rate=1", "--data=x.txt",
                                         "--lr_decay_iters=None", "--target_smoothing_special_tokens=0,1,2"]))
     assert (c.max_iters, c.bias, c.learning_rate, c.data, c.lr_decay_iters) == (7, True, 1.0, "x.txt", None)
+    for spelling, expected in (("True", True), (" FALSE ", False), ("1", True), ("0", False)):
+        assert build_train_config({"bias": spelling}).bias is expected
+    assert build_train_config({"bias": 1}).bias is True
     assert c.target_smoothing_special_tokens == [0, 1, 2]
     t = build_train_config(load_config(["--task=temporal", "--pattern=10001000"]))
     assert t.pattern == "10001000"
@@ -67,6 +70,12 @@ def test_overrides_are_typed_by_the_declared_type():
     (["--task=temporal", "--loss_modifiers_enabled=True", "--entropy_modifier_enabled=True"], "not available"),
     (["--loss_modifiers_enabled=True", "--loss_weighting=min_snr"], "not available with task='lm'"),
     (["--n_embd=30"], "n_embd must be divisible"),
+    (["--custom_param=2"], "unknown config key 'custom_param'; `losskit train --help` lists every key"),
+    (["--entropy_modifier_verbose=True"], ("unknown config key 'entropy_modifier_verbose'; did you mean "
+                                           "'entropy_modifier_debug'? (renamed)")),
+    (["--bias=yes"], "bias must be a bool (True/False/true/false/1/0), got 'yes'"),
+    (["--dropout=1"], "dropout must be in [0, 1), got '1'"),
+    (["--max_iters=-1"], "max_iters must be >= 0, got '-1'"),
 ])
 def test_bad_config_is_a_config_error(argv, message):
     with pytest.raises(ConfigError) as info:

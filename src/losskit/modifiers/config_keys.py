@@ -31,6 +31,7 @@ __all__ = [
     "MODIFIER_KEY_PATTERNS",
     "SUB_SWITCHES",
     "KeySpec",
+    "coerce_bool",
     "coerce_value",
     "config_to_dict",
     "is_modifier_shaped",
@@ -192,6 +193,23 @@ def _type_error(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
+def coerce_bool(key: str, value: Any) -> bool:
+    """``True``/``False``, the ints 1/0, or the strings ``true/false/1/0`` (any case, surrounding spaces ignored).
+
+    Shared with the trainer keys of ``losskit.config``, so both spell booleans the same way.
+
+    Raises:
+        ConfigError: ``"<key> must be a bool (True/False/true/false/1/0), got <value>"``.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return _TRUE[value.strip().lower()]
+    raise _type_error(key, "a bool (True/False/true/false/1/0)", value)
+
+
 def _to_int(key: str, item: Any, expected: str, whole: Any) -> int:
     if isinstance(item, bool):
         raise _type_error(key, expected, whole)
@@ -217,15 +235,9 @@ def coerce_value(key: str, value: Any, spec: KeySpec | None = None) -> Any:
     """
     spec = spec or MODIFIER_CONFIG_KEYS[key]
     t = spec.type
+    out: Any
     if t == "bool":
-        if isinstance(value, bool):
-            out: Any = value
-        elif isinstance(value, int) and value in (0, 1):
-            out = bool(value)
-        elif isinstance(value, str) and value.strip().lower() in _TRUE:
-            out = _TRUE[value.strip().lower()]
-        else:
-            raise _type_error(key, "a bool (True/False/true/false/1/0)", value)
+        out = coerce_bool(key, value)
     elif t in ("float", "float|None"):
         if t == "float|None" and (value is None or (isinstance(value, str) and value.strip() in ("None", ""))):
             out = None
@@ -293,14 +305,16 @@ def is_modifier_shaped(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in MODIFIER_KEY_PATTERNS)
 
 
-def unknown_key_message(key: str, valid_keys: Iterable[str]) -> str:
-    """The error for an unknown key: curated legacy hint, else difflib's closest valid key (cutoff 0.6)."""
+def unknown_key_message(key: str, valid_keys: Iterable[str], *,
+                        fallback: str = "`losskit modifiers` lists the valid keys") -> str:
+    """The error for an unknown key: curated legacy hint, else difflib's closest valid key (cutoff 0.6), else
+    ``fallback`` (where the user can look the keys up)."""
     if key in LEGACY_HINTS:
         return f"unknown config key {key!r}; {LEGACY_HINTS[key]}"
     close = difflib.get_close_matches(key, list(valid_keys), n=1, cutoff=0.6)
     if close:
         return f"unknown config key {key!r}; did you mean {close[0]!r}?"
-    return f"unknown config key {key!r}; `losskit modifiers` lists the valid keys"
+    return f"unknown config key {key!r}; {fallback}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
