@@ -19,13 +19,21 @@ import abc
 import dataclasses
 import types
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from losskit.contract import StepCounts, TokenStats
 
-__all__ = ["BaseLossModifier", "ModifiedLoss", "ModifierContext", "Weights", "phase_of"]
+__all__ = [
+    "BaseLossModifier",
+    "MaskedSummary",
+    "ModifiedLoss",
+    "ModifierContext",
+    "Weights",
+    "masked_summary",
+    "phase_of",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,3 +187,35 @@ def phase_of(mod: BaseLossModifier) -> int:
     if _overrides(mod, "weights"):
         return 2
     return 4
+
+
+class MaskedSummary(NamedTuple):
+    """Population statistics of the kept entries of a tensor (0-d tensors; each 0 when nothing is kept)."""
+
+    mean: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    std: torch.Tensor
+
+
+def masked_summary(x: torch.Tensor, keep: torch.Tensor, count: torch.Tensor | None = None) -> MaskedSummary:
+    """Mean, min, max and population std of ``x`` over the bool mask ``keep`` (same shape), without a host sync.
+
+    The built-ins' metrics (entropy over valid positions, mask ratios and weights over non-empty sequences, SNR
+    weights over non-empty examples) all take this shape. ``count`` is ``keep.sum()`` when the caller has it.
+    Plain torch, for a non-empty selection::
+
+        k = x[keep]; MaskedSummary(k.mean(), k.min(), k.max(), k.std(unbiased=False))
+    """
+    if count is None:
+        count = keep.sum()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    n = count.clamp_min(1).to(x.dtype)
+    mean = torch.where(keep, x, zero).sum() / n
+    std = (torch.where(keep, (x - mean) ** 2, zero).sum() / n).sqrt()
+    # torch.where over the count, not an `if`: an empty selection must not read the count to the host
+    some = count > 0
+    mn = torch.where(some, torch.where(keep, x, inf).amin(), zero)
+    mx = torch.where(some, torch.where(keep, x, -inf).amax(), zero)
+    return MaskedSummary(mean, mn, mx, std)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights
+from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, masked_summary
 from losskit.modifiers.config_keys import short_settings
-from losskit.modifiers.pipeline import run_standalone
+from losskit.modifiers.pipeline import is_rank0, run_standalone
 
 __all__ = ["EntropyModifier", "entropy_batch_weight", "position_entropy", "sample_entropy"]
 
@@ -91,24 +91,6 @@ def entropy_batch_weight(
     return weight * torch.where(sample_valid, clamped, zero).sum() / count
 
 
-def _masked_extremes(x: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Population mean/max/min/std of ``x`` over ``valid`` (0 each when nothing is valid); no host sync."""
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    n = count.clamp_min(1).to(x.dtype)
-    mean = torch.where(valid, x, zero).sum() / n
-    var = torch.where(valid, (x - mean) ** 2, zero).sum() / n
-    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-    mx = torch.where(valid, x, -inf).amax()
-    mn = torch.where(valid, x, inf).amin()
-    some = count > 0
-    return {
-        "mean": mean,
-        "max": torch.where(some, mx, zero),
-        "min": torch.where(some, mn, zero),
-        "std": var.sqrt(),
-    }
-
-
 class EntropyModifier(BaseLossModifier):
     """Phase-2 weight producer: the batch scalar β (or per-sample ``e_i``) from the wrong-answer entropy.
 
@@ -148,16 +130,16 @@ class EntropyModifier(BaseLossModifier):
         w = entropy_batch_weight(h_bar, self.threshold, self.weight, sample_valid=ctx.nonempty,
                                  per_sample=self.per_sample)
         with torch.no_grad():
-            ext = _masked_extremes(h_pos.detach(), ctx.valid, ctx.num_valid)
+            ext = masked_summary(h_pos.detach(), ctx.valid, ctx.num_valid)
             if self.per_sample:
                 shown = w.detach().sum() / ctx.nonempty.sum().clamp_min(1).to(w.dtype)
             else:
                 shown = w.detach()
         self._metrics = {
-            "mean_entropy": ext["mean"],
-            "max_entropy": ext["max"],
-            "min_entropy": ext["min"],
-            "entropy_std": ext["std"],
+            "mean_entropy": ext.mean,
+            "max_entropy": ext.max,
+            "min_entropy": ext.min,
+            "entropy_std": ext.std,
             "entropy_weight": shown,
         }
         if self.debug:
@@ -167,7 +149,7 @@ class EntropyModifier(BaseLossModifier):
     def _log_debug(self, ctx: ModifierContext, h_pos: torch.Tensor, h_bar: torch.Tensor, shown: torch.Tensor
                    ) -> None:
         """One diagnostic line on rank 0. It reads values to the host (syncs): diagnosis only."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if not is_rank0():
             return
         m = self._metrics
         clamped = int(((h_bar.detach() < self.threshold) & ctx.nonempty).sum())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights
+from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, masked_summary
 from losskit.modifiers.config_keys import short_settings
 from losskit.modifiers.pipeline import run_standalone
 
@@ -47,19 +47,6 @@ def mask_ratio_weights(
     r = seq_valid.to(dtype or torch.get_default_dtype()) / (seq_len + eps)
     w = (r + eps).pow(-power).clamp(min_weight, max_weight)
     return r, w
-
-
-def _stats_over(x: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """mean, min, max, population std of ``x`` over ``keep`` (0 each when empty); no host sync."""
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-    n = count.clamp_min(1).to(x.dtype)
-    mean = torch.where(keep, x, zero).sum() / n
-    std = (torch.where(keep, (x - mean) ** 2, zero).sum() / n).sqrt()
-    some = count > 0
-    mn = torch.where(some, torch.where(keep, x, inf).amin(), zero)
-    mx = torch.where(some, torch.where(keep, x, -inf).amax(), zero)
-    return mean, mn, mx, std
 
 
 class MaskRatioWeightModifier(BaseLossModifier):
@@ -94,16 +81,16 @@ class MaskRatioWeightModifier(BaseLossModifier):
         r, w = mask_ratio_weights(ctx.seq_valid, ctx.T, power=self.power, min_weight=self.min,
                                   max_weight=self.max, eps=self.eps, dtype=dtype)
         count = ctx.nonempty.sum()
-        rm, rmin, rmax, _ = _stats_over(r, ctx.nonempty, count)
-        wm, wmin, wmax, wstd = _stats_over(w, ctx.nonempty, count)
+        rs = masked_summary(r, ctx.nonempty, count)
+        ws = masked_summary(w, ctx.nonempty, count)
         self._metrics = {
-            "mean_mask_ratio": rm,
-            "min_mask_ratio": rmin,
-            "max_mask_ratio": rmax,
-            "mean_weight": wm,
-            "min_weight": wmin,
-            "max_weight": wmax,
-            "weight_std": wstd,
+            "mean_mask_ratio": rs.mean,
+            "min_mask_ratio": rs.min,
+            "max_mask_ratio": rs.max,
+            "mean_weight": ws.mean,
+            "min_weight": ws.min,
+            "max_weight": ws.max,
+            "weight_std": ws.std,
         }
         return Weights(sample=w, sequence_mean=True)
 

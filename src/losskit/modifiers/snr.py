@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from losskit.contract import ConfigError, LossInputError
+from losskit.functional import reduce
 from losskit.functional.diffusion import (
     SNR_GUARD,
     check_convention,
@@ -30,25 +31,14 @@ from losskit.functional.diffusion import (
     sangoi_mape,
     sangoi_weight_from_mape,
 )
-from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights
+from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, masked_summary
 from losskit.modifiers.config_keys import coerce_value, section, unknown_key_message
-from losskit.modifiers.pipeline import LossModifierPipeline
+from losskit.modifiers.pipeline import standalone_pipeline
 
 __all__ = ["SNRWeightModifier"]
 
 _LOG_GUARD = math.log(SNR_GUARD)
 _SANGOI_MIN_SNR, _SANGOI_MAX_SNR = 1e-4, 100.0
-
-
-def _over(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, min and max of ``x`` over ``keep`` (0 when nothing is kept), on the device, without a sync."""
-    count = keep.sum()
-    some = count > 0
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    mean = torch.where(keep, x, zero).sum() / count.clamp_min(1).to(x.dtype)
-    mn = torch.where(some, torch.where(keep, x, torch.full_like(x, math.inf)).amin(), zero)
-    mx = torch.where(some, torch.where(keep, x, torch.full_like(x, -math.inf)).amax(), zero)
-    return mean, mn, mx
 
 
 class SNRWeightModifier(BaseLossModifier):
@@ -147,16 +137,16 @@ class SNRWeightModifier(BaseLossModifier):
             )
         keep = ctx.nonempty
         wd = w.detach()
-        mean_w, min_w, max_w = _over(wd, keep)
+        ws = masked_summary(wd, keep)
         snr_shown = torch.exp(lam.detach().to(wd.dtype).clamp(-_LOG_GUARD, _LOG_GUARD))
         metrics = {
-            "mean_weight": mean_w,
-            "min_weight": min_w,
-            "max_weight": max_w,
-            "mean_snr": _over(snr_shown, keep)[0],
+            "mean_weight": ws.mean,
+            "min_weight": ws.min,
+            "max_weight": ws.max,
+            "mean_snr": reduce.masked_mean(snr_shown, keep),
         }
         if mape is not None:
-            metrics["mean_mape"] = _over(mape.detach().to(wd.dtype), keep)[0]
+            metrics["mean_mape"] = reduce.masked_mean(mape.detach().to(wd.dtype), keep)
         self._metrics = metrics
         self.last_weights = wd  # [B], detached: for per-bucket logging by the diffusion task
         return Weights(sample=w, sequence_mean=True)
@@ -245,12 +235,7 @@ class SNRWeightModifier(BaseLossModifier):
             extras["snr"] = snr
         if self.enabled:
             self._log_snr(extras, predicted.shape[0])  # the same error with or without the pipeline
-        pipe = self.__dict__.get("_standalone_pipeline")
-        if pipe is None:
-            pipe = LossModifierPipeline()
-            pipe.modifiers.append(self)  # keep this modifier's own name
-            self.__dict__["_standalone_pipeline"] = pipe
-        return pipe.compute_elementwise(per_token_loss, mask=mask, **extras).loss
+        return standalone_pipeline(self).compute_elementwise(per_token_loss, mask=mask, **extras).loss
 
     def get_metrics(self) -> dict[str, Any]:
         return dict(self._metrics)

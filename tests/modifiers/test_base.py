@@ -1,0 +1,46 @@
+"""Shared pieces of the built-in modifiers: ``masked_summary`` (their metric shape) and the standalone pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from losskit.modifiers import EntropyModifier, SNRWeightModifier
+from losskit.modifiers.base import masked_summary
+from losskit.modifiers.pipeline import standalone_pipeline
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (1, 1)])
+def test_masked_summary_equals_plain_torch(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    keep = torch.rand(shape, generator=g) < 0.6
+    keep.view(-1)[0] = True
+    x[~keep] = float("nan")  # values outside the selection must never leak
+    k = x[keep]
+    got = masked_summary(x, keep)
+    want = (k.mean(), k.min(), k.max(), k.std(unbiased=False))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float64 and a.dim() == 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(masked_summary(x, keep, keep.sum()).max, got.max)
+
+
+def test_masked_summary_of_an_empty_selection_is_zero():
+    x = torch.tensor([1.0, float("inf"), -2.0])
+    out = masked_summary(x, torch.zeros(3, dtype=torch.bool))
+    assert [float(v) for v in out] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_standalone_pipeline_is_built_once_and_keeps_the_name():
+    mod = EntropyModifier({"enabled": True, "name": "ent"})
+    pipe = standalone_pipeline(mod)
+    assert standalone_pipeline(mod) is pipe
+    assert [m.name for m in pipe] == ["ent"]
+    logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    targets = torch.randint(0, 5, (2, 3))
+    assert torch.equal(mod.modify_loss(logits, targets, None), pipe.modify_loss(logits, targets, None))
+    snr = SNRWeightModifier({"loss_weighting": "min_snr"})
+    x = torch.randn(4, 3, dtype=torch.float64)
+    snr.modify_loss(x, torch.zeros_like(x), log_snr=torch.linspace(-2, 2, 4, dtype=torch.float64))
+    assert [m.name for m in standalone_pipeline(snr)] == ["SNRWeightModifier"]
