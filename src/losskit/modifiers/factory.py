@@ -17,22 +17,22 @@ from losskit.modifiers.base import BaseLossModifier
 from losskit.modifiers.config_keys import (
     MASTER_SWITCH,
     MODIFIER_CONFIG_KEYS,
+    SUB_SWITCHES,
     config_to_dict,
     literal_value,
     section,
+    switch_on,
     validate_modifier_config,
 )
 from losskit.modifiers.entropy import EntropyModifier
 from losskit.modifiers.mask_ratio import MaskRatioWeightModifier
-from losskit.modifiers.pipeline import LossModifierPipeline, _is_rank0
+from losskit.modifiers.pipeline import LossModifierPipeline, is_rank0
 from losskit.modifiers.smoothing import TargetSmoothingModifier
 from losskit.modifiers.snr import SNRWeightModifier
 
 __all__ = ["create_loss_modifier_pipeline", "register_modifier", "registered_modifiers", "unregister_modifier"]
 
 _REGISTRY: dict[str, type[BaseLossModifier]] = {}
-
-#: SNRWeightModifier (spec/diffusion.md §8) takes the flat keys unstripped; it lives in its own module.
 
 
 def register_modifier(cls: type[BaseLossModifier], prefix: str) -> type[BaseLossModifier]:
@@ -69,6 +69,7 @@ def _strip(values: Mapping[str, Any], owner: str, prefix: str) -> dict[str, Any]
 
 
 def _snr_modifier(values: Mapping[str, Any]) -> BaseLossModifier:
+    # SNRWeightModifier (spec/diffusion.md §8) takes its flat keys unstripped: they share no prefix
     return SNRWeightModifier({k: values[k] for k in section("SNRWeightModifier")})
 
 
@@ -96,15 +97,10 @@ def create_loss_modifier_pipeline(
     values = validate_modifier_config(raw, prefixes=tuple(_REGISTRY))
     pipe = LossModifierPipeline(input_checks=input_checks)
     if values[MASTER_SWITCH]:
-        builtins = (
-            (EntropyModifier, "entropy_modifier_", "entropy_modifier_enabled"),
-            (TargetSmoothingModifier, "target_smoothing_", "target_smoothing_enabled"),
-            (MaskRatioWeightModifier, "mask_ratio_weight_", "mask_ratio_weight_enabled"),
-        )
-        for cls, prefix, switch in builtins:
-            if values[switch]:
-                pipe.add_modifier(cls(_strip(values, cls.__name__, prefix)))
-        if values["loss_weighting"] != "constant":
+        for cls in (EntropyModifier, TargetSmoothingModifier, MaskRatioWeightModifier):
+            if values[SUB_SWITCHES[cls.__name__]]:
+                pipe.add_modifier(cls(_strip(values, cls.__name__, cls.PREFIX)))
+        if switch_on("loss_weighting", values["loss_weighting"]):
             pipe.add_modifier(_snr_modifier(values))
         for prefix, cls in _REGISTRY.items():
             sub = {k[len(prefix):]: literal_value(v) for k, v in raw.items() if k.startswith(prefix)}
@@ -115,7 +111,7 @@ def create_loss_modifier_pipeline(
     for mod in extra_modifiers:
         pipe.add_modifier(mod)
     if not pipe.is_empty():
-        if verbose and _is_rank0():
+        if verbose and is_rank0():
             print(pipe.describe())
     elif values[MASTER_SWITCH]:
         warnings.warn("loss_modifiers_enabled=True but no loss modifier is enabled; the loss is unchanged",

@@ -47,7 +47,14 @@ from losskit.contract import (
 from losskit.functional import reduce
 from losskit.modifiers.base import BaseLossModifier, ModifiedLoss, ModifierContext, Weights, phase_of
 
-__all__ = ["INPUT_CHECKS", "MISMATCH_MESSAGE", "LossModifierPipeline", "run_standalone"]
+__all__ = [
+    "INPUT_CHECKS",
+    "MISMATCH_MESSAGE",
+    "LossModifierPipeline",
+    "is_rank0",
+    "run_standalone",
+    "standalone_pipeline",
+]
 
 INPUT_CHECKS: tuple[str, ...] = ("immediate", "deferred")
 MISMATCH_MESSAGE = (
@@ -58,7 +65,8 @@ MISMATCH_MESSAGE = (
 _RECOGNISED = ("mask", "ignore_index", "step_counts", "iter_num")
 
 
-def _is_rank0() -> bool:
+def is_rank0() -> bool:
+    """Whether this process prints and logs: rank 0 under ``torch.distributed``, or no process group at all."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
@@ -433,14 +441,19 @@ class LossModifierPipeline:
         raise LossInputError("logits: non-finite statistics (NaN/inf) in valid rows; expected finite values")
 
 
-def run_standalone(modifier: BaseLossModifier, logits: torch.Tensor, targets: torch.Tensor,
-                   loss: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
-    """A built-in's own ``modify_loss``: exactly a pipeline holding only that modifier (spec/modifiers.md §3.1)."""
-    if not modifier.is_enabled():
-        return loss
+def standalone_pipeline(modifier: BaseLossModifier) -> LossModifierPipeline:
+    """The pipeline holding only ``modifier``, built at the first standalone call and cached on the instance."""
     pipe = modifier.__dict__.get("_standalone_pipeline")
     if pipe is None:
         pipe = LossModifierPipeline()
         pipe.modifiers.append(modifier)  # keep the modifier's own name (no duplicate suffixing)
         modifier.__dict__["_standalone_pipeline"] = pipe
-    return pipe.modify_loss(logits, targets, loss, **kwargs)
+    return pipe
+
+
+def run_standalone(modifier: BaseLossModifier, logits: torch.Tensor, targets: torch.Tensor,
+                   loss: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+    """A built-in's own ``modify_loss``: exactly a pipeline holding only that modifier (spec/modifiers.md §3.1)."""
+    if not modifier.is_enabled():
+        return loss
+    return standalone_pipeline(modifier).modify_loss(logits, targets, loss, **kwargs)
