@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losskit import registry
 from losskit.combined import CombinedLoss
 from losskit.config import train_config_to_dict
 from losskit.contract import EMPTY_BATCH_MESSAGE, ConfigError, EmptyBatchWarning, LossInputError
@@ -147,8 +148,6 @@ def present(
 
 
 def _is_energy(name: str) -> bool:
-    from losskit import registry
-
     try:
         return registry.get(name).name == "energy_loss"
     except ConfigError:
@@ -238,17 +237,21 @@ def warning_signs(history: Sequence[EpochRow], weight: float) -> list[str]:
     return out
 
 
+def _column_names(weight: float) -> list[str]:
+    return ["Epoch", "CrossEntropy", "Energy", f"Weighted Energy ({weight:g})", "Total Loss", "Val Acc"]
+
+
 def format_header(weight: float) -> tuple[str, str]:
     """The table header (energy weight printed with ``g``) and its separator line."""
-    names = ["Epoch", "CrossEntropy", "Energy", f"Weighted Energy ({weight:g})", "Total Loss", "Val Acc"]
+    names = _column_names(weight)
     header = " | ".join(names)
     rule = "|".join("-" * (len(n) + (1 if i in (0, len(names) - 1) else 2)) for i, n in enumerate(names))
     return header, rule
 
 
 def format_row(epoch: int, ce: float, energy: float, weight: float, total: float, val_acc: float) -> str:
-    widths = [len(n) for n in ("Epoch", "CrossEntropy", "Energy", f"Weighted Energy ({weight:g})", "Total Loss",
-                               "Val Acc")]
+    """One table row, each cell right-aligned to the width of its header."""
+    widths = [len(n) for n in _column_names(weight)]
     cells = [f"{epoch:>{widths[0]}d}", f"{ce:>{widths[1]}.4f}", f"{energy:>{widths[2]}.4f}",
              f"{weight * energy:>{widths[3]}.5f}", f"{total:>{widths[4]}.4f}", f"{val_acc:>{widths[5]}.3f}"]
     return " | ".join(cells)
@@ -327,6 +330,7 @@ def _run(cfg: Any) -> dict:
     entries = resolve_criterion(cfg.criterion, cfg.energy_weight)
     criterion = build_criterion(entries).to(device)
     ce_label, energy_label = _roles(criterion)
+    ce_module = criterion.criterion(ce_label) if ce_label else None  # its last_flags are read every step
     energy_weight = criterion.weights.get(energy_label, 0.0) if energy_label else 0.0
     schedule = PresentationSchedule.build(
         "".join(map(str, pattern)), cfg.n_timesteps, dt=cfg.dt, loss_reaction_time=cfg.loss_reaction_time,
@@ -372,7 +376,6 @@ def _run(cfg: Any) -> dict:
                 out.loss.backward()
                 optimizer.step()
                 sums.add(_step_metrics(out, logits, y), _energy_stats(criterion, energy_label))
-                ce_module = criterion.criterion(ce_label) if ce_label else None
                 if ce_module is not None and ce_module.last_flags is not None:
                     flags = flags + torch.stack([ce_module.last_flags["bad"], ce_module.last_flags["empty"]]).long()
             train = sums.read()  # the epoch's one host read of training metrics
@@ -406,7 +409,7 @@ def _run(cfg: Any) -> dict:
 
             train_row = {"epoch": epoch, "split": "train", **train, "acc": train_acc,
                          "seconds": train_seconds, "warnings": " / ".join(signs)}
-            val_row = {"epoch": epoch, "split": "val", **{k: v for k, v in val.items()}, "seconds": val_seconds,
+            val_row = {"epoch": epoch, "split": "val", **val, "seconds": val_seconds,
                        "warnings": ""}
             csv_rows += [train_row, val_row]
             logged = {"train/loss": total, "val/loss": val.get(f"loss/{ce_label}", val["loss/total"])}
