@@ -17,6 +17,7 @@ on the host: bad values only set the ``bad`` flags (§3.7).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -80,13 +81,18 @@ def _grad_wanted(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _plan(logits: torch.Tensor, prep: Prepared, chunk_bytes) -> chunked.Plan:
+    """The chunk plan of a ``"chunked"`` call (checks ``chunk_bytes``)."""
+    return chunked.Plan.make(
+        prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device)
+    )
+
+
 def _fields(logits, prep: Prepared, impl: str, inplace_grad: bool, chunk_bytes) -> StatFields:
     """Differentiable statistics of one pass (deferred mode) for the resolved ``impl``."""
     if impl == "torch":
         return reference.token_fields(logits, prep)[0]
-    plan = chunked.Plan.make(
-        prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device)
-    )
+    plan = _plan(logits, prep, chunk_bytes)
     if _grad_wanted(logits):
         out = chunked.TokenStatsFunction.apply(logits, prep, plan, inplace_grad)
         return StatFields(*out)
@@ -99,9 +105,9 @@ def _resolve(impl: str, logits) -> str:
     if not isinstance(logits, torch.Tensor):
         raise LossInputError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     resolved = resolve_impl(impl, logits)
-    if resolved == "triton":  # resolve_impl only returns it once losskit.kernels.triton imports
-        from losskit.kernels import triton as triton_impl  # noqa: F401  (lazy: optional extra)
-
+    # resolve_impl answers "triton" only when losskit.kernels.triton imports, which this build does not ship;
+    # the guard keeps a future triton module from being silently served by the chunked code below.
+    if resolved == "triton":
         raise LossInputError('impl="triton" is not implemented in this build; use impl="chunked"')
     return resolved
 
@@ -173,11 +179,47 @@ def _check_scalar_tensor(name: str, value, device: torch.device, *, allow_none: 
     return float(value)
 
 
-def _smoothing_bad(f: StatFields, prep: Prepared, sm: Smoothing) -> torch.Tensor:
-    """``bad`` of the fused loss: with ε > 0 a non-finite support mean also counts (§3.7)."""
+def _smoothing_bad(f: StatFields, prep: Prepared, sm: Smoothing) -> StatFields:
+    """``f`` with the ``bad`` of the fused loss: with ε > 0 a non-finite support mean also counts (§3.7)."""
     if sm.eps_t is None:
-        return f.bad
-    return f.bad | (prep.valid & ~torch.isfinite(f.support_mean_logit))
+        return f
+    return dataclasses.replace(f, bad=f.bad | (prep.valid & ~torch.isfinite(f.support_mean_logit)))
+
+
+def _loss_fields(
+    logits, prep: Prepared, sm: Smoothing, lam: float, impl: str, inplace_grad: bool, chunk_bytes
+) -> tuple[torch.Tensor, StatFields]:
+    """Deferred mode: flat differentiable per-token ``CE_ε + λ·lse²`` and the fields (with the loss's ``bad``)."""
+    if impl == "torch":
+        per_token, f = reference.fused_terms(logits, prep, sm, lam)
+    else:
+        f = _fields(logits, prep, impl, inplace_grad, chunk_bytes)
+        per_token = chunked.fused_token_terms(f, sm, lam)
+    return per_token, _smoothing_bad(f, prep, sm)
+
+
+def _row_weight(token_weight: torch.Tensor | None, prep: Prepared) -> torch.Tensor | None:
+    """Flat ``token_weight`` in the compute dtype, 0 at invalid rows (where it may be NaN, e.g. ``cw[-100]``)."""
+    if token_weight is None:
+        return None
+    zero = torch.zeros((), dtype=prep.dtype, device=prep.valid.device)
+    return torch.where(prep.valid, token_weight.reshape(-1).to(prep.dtype), zero)
+
+
+def _reduce_rows(
+    x: torch.Tensor, prep: Prepared, weight: torch.Tensor | None, reduction: str, normalizer
+) -> torch.Tensor:
+    """``Σ_t v_t·w_t·x_t / normalizer`` (None: 1), or ``v_t·w_t·x_t`` in the leading shape for ``"none"``.
+
+    ``weight`` comes from ``_row_weight``; ``reduction`` is ``"none"``, ``"sum"`` or ``"mean"`` (a sum over
+    the caller's normalizer).
+    """
+    zero = torch.zeros((), dtype=prep.dtype, device=x.device)
+    x = torch.where(prep.valid, x if weight is None else x * weight, zero)
+    if reduction == "none":
+        return x.reshape(prep.lead_shape)
+    total = x.sum()
+    return total if normalizer is None else total / normalizer.to(prep.dtype)
 
 
 def fused_token_loss(
@@ -256,9 +298,39 @@ def fused_token_loss(
         )
     if isinstance(normalizer, (int, float)):
         normalizer = torch.tensor(float(normalizer), dtype=prep.dtype, device=logits.device)
+    return _fused(
+        logits,
+        token_weight,
+        prep,
+        sm,
+        lam,
+        normalizer,
+        reduction,
+        grad_mode,
+        grad_scale,
+        inplace_grad,
+        resolved,
+        chunk_bytes,
+    )
 
+
+def _fused(
+    logits,
+    token_weight,
+    prep: Prepared,
+    sm: Smoothing,
+    lam: float,
+    normalizer,
+    reduction: str,
+    grad_mode: str,
+    grad_scale,
+    inplace_grad: bool,
+    impl: str,
+    chunk_bytes,
+) -> FusedLoss:
+    """``fused_token_loss`` on checked arguments (``impl`` resolved, ``normalizer`` None or a 0-d tensor)."""
     eager = (
-        resolved == "chunked"
+        impl == "chunked"
         and reduction == "sum"
         and _grad_wanted(logits)
         and (grad_mode == "forward" or (grad_mode == "auto" and logits.device.type != "cuda"))
@@ -267,43 +339,18 @@ def fused_token_loss(
         return _fused_eager(
             logits, token_weight, prep, sm, lam, normalizer, grad_scale, inplace_grad, chunk_bytes
         )
-
-    if resolved == "torch":
-        per_token, f = reference.fused_terms(logits, prep, sm, lam)
-    else:
-        f = _fields(logits, prep, resolved, inplace_grad, chunk_bytes)
-        per_token = chunked._fused_token_loss(f, sm, lam)
-    zero = torch.zeros((), dtype=prep.dtype, device=logits.device)
-    weighted = per_token
-    if token_weight is not None:
-        weighted = per_token * torch.where(prep.valid, token_weight.reshape(-1).to(prep.dtype), zero)
-    weighted = torch.where(prep.valid, weighted, zero)
-    if reduction == "sum":
-        loss = weighted.sum()
-        if normalizer is not None:
-            loss = loss / normalizer.to(prep.dtype)
-    else:
-        loss = weighted.reshape(prep.lead_shape)
-    f = _with_bad(f, _smoothing_bad(f, prep, sm))
+    per_token, f = _loss_fields(logits, prep, sm, lam, impl, inplace_grad, chunk_bytes)
     return FusedLoss(
-        loss=loss,
+        loss=_reduce_rows(per_token, prep, _row_weight(token_weight, prep), reduction, normalizer),
         token_loss=per_token.detach().reshape(prep.lead_shape),
         stats=_to_token_stats(f, prep, detach=True),
     )
 
 
-def _with_bad(f: StatFields, bad: torch.Tensor) -> StatFields:
-    import dataclasses
-
-    return dataclasses.replace(f, bad=bad)
-
-
 def _fused_eager(
     logits, token_weight, prep, sm, lam, normalizer, grad_scale, inplace_grad, chunk_bytes
 ) -> FusedLoss:
-    plan = chunked.Plan.make(
-        prep.num_classes, prep.dtype, chunked.check_chunk_bytes(chunk_bytes, logits.device)
-    )
+    plan = _plan(logits, prep, chunk_bytes)
     norm_in = normalizer
     graph_norm = normalizer is not None and normalizer.requires_grad and torch.is_grad_enabled()
     if graph_norm:
@@ -316,8 +363,7 @@ def _fused_eager(
         # The value is Σ/normalizer; the ratio is exactly 1, so the upstream reaching the Function stays
         # grad_scale and no rescale pass runs, while the normalizer still gets its gradient.
         loss = loss * (norm_in / normalizer)
-    f = StatFields(*out[2:])
-    f = _with_bad(f, _smoothing_bad(f, prep, sm))
+    f = _smoothing_bad(StatFields(*out[2:]), prep, sm)
     return FusedLoss(
         loss=loss, token_loss=token_loss.reshape(prep.lead_shape), stats=_to_token_stats(f, prep, detach=True)
     )
@@ -361,11 +407,6 @@ def cross_entropy(
     """
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("normalize", normalize, NORMALIZERS)
-    if reduction == "mean" and normalize == "global_tokens" and step_counts is None:
-        raise LossInputError(
-            'step_counts is required with normalize="global_tokens" (build it with '
-            "losskit.functional.step_counts(micro_targets, ...)), got None"
-        )
     prep = prepare(
         logits,
         target,
@@ -376,74 +417,79 @@ def cross_entropy(
     )
     eps = check_label_smoothing(label_smoothing, smoothing_convention, prep.num_support)
     lam = check_z_loss(z_loss)
-    valid = prep.valid.reshape(prep.lead_shape)
+    resolved = _resolve(impl, logits)
+    _check_bool("inplace_grad", inplace_grad)
+    sm = prepare_smoothing(prep, eps, smoothing_convention, None, logits.device)
     denom = None
     if reduction == "mean":
+        # Raises for normalize="global_tokens" without step_counts, naming functional.step_counts.
         denom = reduce_normalizer(
-            valid, weight=token_weight, normalize=normalize, step_counts=step_counts, dtype=prep.dtype
+            prep.valid.reshape(prep.lead_shape),
+            weight=token_weight,
+            normalize=normalize,
+            step_counts=step_counts,
+            dtype=prep.dtype,
         )
-    common = {
-        "ignore_index": ignore_index,
-        "mask": mask,
-        "token_weight": token_weight,
-        "label_smoothing": eps,
-        "smoothing_convention": smoothing_convention,
-        "smoothing_exclude": prep.support.ids,
-        "z_loss": lam,
-        "impl": impl,
-        "inplace_grad": inplace_grad,
-        "chunk_bytes": chunk_bytes,
-    }
     if return_parts:
         return _cross_entropy_parts(
-            logits, target, prep, eps, smoothing_convention, lam, denom, reduction, common
+            logits, target, token_weight, prep, sm, lam, denom, reduction, resolved, inplace_grad, chunk_bytes
         )
-    res = fused_token_loss(
-        logits, target, normalizer=denom, reduction="none" if reduction == "none" else "sum", **common
+    # The prepared call goes straight to the fused core: fused_token_loss would check and prepare it again.
+    fused_reduction = "none" if reduction == "none" else "sum"
+    res = _fused(
+        logits,
+        token_weight,
+        prep,
+        sm,
+        lam,
+        denom,
+        fused_reduction,
+        "auto",
+        1.0,
+        inplace_grad,
+        resolved,
+        chunk_bytes,
     )
-    _check_once(logits, target, prep, eps, res.stats)
+    _check_once(logits, target, prep, sm, res.stats.bad)
     return res.loss
 
 
-def _check_once(logits, target, prep: Prepared, eps: float, stats: TokenStats) -> None:
+def _check_once(logits, target, prep: Prepared, sm: Smoothing, bad: torch.Tensor) -> None:
     """The one host read of an eager call: ``2·num_valid + any(bad)``; detailed checks only when bad."""
-    packed = stats.valid.sum() * 2 + stats.bad.any().long()
+    packed = prep.valid.sum() * 2 + bad.any().long()
     value = int(packed)
-    num_valid, bad = value >> 1, value & 1
-    if bad:
+    num_valid, any_bad = value >> 1, value & 1
+    if any_bad:
         valid = prep.valid.reshape(prep.lead_shape)
         check_target_range(target, valid, prep.num_classes)
-        support = prep.support.indicator.bool() if eps > 0 else None
+        support = prep.support.indicator.bool() if sm.eps_t is not None else None
         check_finite_logits(logits, target, valid, smoothing_support=support)
         raise LossInputError("logits/target: non-finite statistics at valid positions")
     warn_empty(num_valid, stacklevel=4)
 
 
 def _cross_entropy_parts(
-    logits, target, prep, eps, convention, lam, denom, reduction, common
+    logits,
+    target,
+    token_weight,
+    prep: Prepared,
+    sm: Smoothing,
+    lam: float,
+    denom,
+    reduction: str,
+    impl: str,
+    inplace_grad: bool,
+    chunk_bytes,
 ) -> CrossEntropyParts:
     """``return_parts=True``: loss, nll, smoothing and z-loss parts, all from one differentiable pass."""
-    resolved = _resolve(common["impl"], logits)
-    sm = prepare_smoothing(prep, eps, convention, None, logits.device)
-    if resolved == "torch":
-        per_token, f = reference.fused_terms(logits, prep, sm, lam)
-    else:
-        f = _fields(logits, prep, resolved, common["inplace_grad"], common["chunk_bytes"])
-        per_token = chunked._fused_token_loss(f, sm, lam)
-    stats = _to_token_stats(_with_bad(f, _smoothing_bad(f, prep, sm)), prep, detach=True)
-    _check_once(logits, target, prep, eps, stats)
-    zero = torch.zeros((), dtype=prep.dtype, device=logits.device)
-    w = common["token_weight"]
-    wf = None if w is None else torch.where(prep.valid, w.reshape(-1).to(prep.dtype), zero)
+    per_token, f = _loss_fields(logits, prep, sm, lam, impl, inplace_grad, chunk_bytes)
+    _check_once(logits, target, prep, sm, f.bad)
+    weight = _row_weight(token_weight, prep)
     z_part = lam * f.lse * f.lse if lam else torch.zeros_like(f.nll)
     ce_eps = per_token - z_part if lam else per_token
 
     def red(x: torch.Tensor) -> torch.Tensor:
-        x = torch.where(prep.valid, x if wf is None else x * wf, zero)
-        if reduction == "none":
-            return x.reshape(prep.lead_shape)
-        total = x.sum()
-        return total / denom if denom is not None else total
+        return _reduce_rows(x, prep, weight, reduction, denom)
 
     return CrossEntropyParts(
         loss=red(per_token),

@@ -614,7 +614,7 @@ class TokenStatsFunction(torch.autograd.Function):
         return out, None, None, None
 
 
-def _fused_token_loss(f: StatFields, sm: Smoothing, z_loss: float) -> torch.Tensor:
+def fused_token_terms(f: StatFields, sm: Smoothing, z_loss: float) -> torch.Tensor:
     """Per-token ``CE_ε + λ·lse²`` from the fields: ``nll − ε_t·(K/K_t)·(a/K) + λ·lse²`` (§3.3)."""
     loss = f.nll
     if sm.eps_t is not None:
@@ -691,7 +691,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
 
         rs, _ = stats_pass(logits, prep, plan, _Eager(out, coefficients))
         f = finish(rs, prep)
-        token_loss = _fused_token_loss(f, sm, z_loss)
+        token_loss = fused_token_terms(f, sm, z_loss)
         weighted = token_loss if w is None else token_loss * w
         loss = torch.where(valid, weighted, zero).sum()
         if normalizer is not None:
