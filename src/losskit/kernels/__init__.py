@@ -97,7 +97,7 @@ def _fields(logits, prep: Prepared, impl: str, inplace_grad: bool, chunk_bytes) 
         out = chunked.TokenStatsFunction.apply(logits, prep, plan, inplace_grad)
         return StatFields(*out)
     with torch.no_grad():
-        rs, _ = chunked.stats_pass(logits, prep, plan)
+        rs = chunked.stats_pass(logits, prep, plan)
     return chunked.finish(rs, prep)
 
 

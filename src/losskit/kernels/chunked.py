@@ -189,12 +189,15 @@ def _block_state(
     c1: int,
     target: torch.Tensor,
     zy: torch.Tensor,
-    prep: Prepared,
+    y_in_support: torch.Tensor,
     support_counts: Callable[[int, int], int],
     single: bool,
     excluded_in_block: Callable[[int, int], torch.Tensor | None],
 ) -> RowState:
-    """Absorb columns ``[c0, c1)`` of ``rows`` rows into a fresh state (leaves ``exp`` in ``ws.b``)."""
+    """Absorb columns ``[c0, c1)`` of ``rows`` rows into a fresh state (leaves ``exp`` in ``ws.b``).
+
+    ``y_in_support`` is ``[y∈A]`` of these rows (float).
+    """
     vb = c1 - c0
     wa = ws.a[:rows]
     wab = wa[:, :vb]
@@ -225,7 +228,7 @@ def _block_state(
     ex_local = excluded_in_block(c0, c1)
     if ex_local is not None:
         s_a = s_a - wab.index_select(1, ex_local).sum(1)
-    y_in = prep.target_in_support_rows if in_block is None else prep.target_in_support_rows * in_block
+    y_in = y_in_support if in_block is None else y_in_support * in_block
     cnt = float(support_counts(c0, c1)) - y_in
     a = s_a - cnt * (zy - m)
     a = torch.where(s_a < NEG_LARGE_SUM, torch.full_like(a, float("-inf")), a)
@@ -238,21 +241,8 @@ def _block_state(
     return RowState(m=m, d=d, s=s, a=a, amax_val=mval, amax_idx=amax_idx)
 
 
-class _PreparedRows:
-    """``Prepared`` restricted to one chunk of rows (plain attribute access in the hot loop)."""
-
-    def __init__(self, prep: Prepared, r0: int, r1: int):
-        self.support = prep.support
-        self.target_in_support_rows = prep.target_in_support[r0:r1]
-
-
-def stats_pass(
-    logits: torch.Tensor, prep: Prepared, plan: Plan, eager: _Eager | None = None
-) -> tuple[RowStats, torch.Tensor]:
-    """Pass 1 over ``logits``: ``(RowStats, d)`` for every row, unmasked; writes G when ``eager`` is given.
-
-    ``d`` (``Σ_{i≠y} e^{z_i − m}``) is returned too: ``d = 0`` marks a row without finite non-target logits.
-    """
+def stats_pass(logits: torch.Tensor, prep: Prepared, plan: Plan, eager: _Eager | None = None) -> RowStats:
+    """Pass 1 over ``logits``: the ``RowStats`` of every row, unmasked; writes G when ``eager`` is given."""
     n = prep.valid.numel()
     dt = prep.dtype
     dev = logits.device
@@ -287,11 +277,21 @@ def stats_pass(
         src = ch.view(logits)
         tgt = prep.target[ch.r0 : ch.r1]
         zy = src.gather(-1, tgt.view(*src.shape[:-1], 1)).reshape(-1).to(dt)
-        pr = _PreparedRows(prep, ch.r0, ch.r1)
+        y_in_support = prep.target_in_support[ch.r0 : ch.r1]
         state = None
         for c0, c1 in plan.blocks:
             st = _block_state(
-                src[..., c0:c1], ws, rows, c0, c1, tgt, zy, pr, support_counts, single, excluded_in_block
+                src[..., c0:c1],
+                ws,
+                rows,
+                c0,
+                c1,
+                tgt,
+                zy,
+                y_in_support,
+                support_counts,
+                single,
+                excluded_in_block,
             )
             if single:
                 state = st
@@ -327,7 +327,7 @@ def stats_pass(
     rs = rowmath.finalize(
         m_all, d_all, s_all, a_all, val_all, idx_all, zy_all, prep.target, prep.support.count
     )
-    return rs, d_all
+    return rs
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -568,7 +568,7 @@ class TokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, prep: Prepared, plan: Plan, inplace: bool):
-        rs, _ = stats_pass(logits, prep, plan)
+        rs = stats_pass(logits, prep, plan)
         f = finish(rs, prep)
         ctx.save_for_backward(logits)
         ctx.prep, ctx.plan, ctx.inplace = prep, plan, inplace
@@ -689,7 +689,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
             )
             return _mask_coefficients(co, valid[sl])
 
-        rs, _ = stats_pass(logits, prep, plan, _Eager(out, coefficients))
+        rs = stats_pass(logits, prep, plan, _Eager(out, coefficients))
         f = finish(rs, prep)
         token_loss = fused_token_terms(f, sm, z_loss)
         weighted = token_loss if w is None else token_loss * w
