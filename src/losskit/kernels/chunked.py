@@ -495,30 +495,40 @@ class StatFields:
     )
 
 
-def finish(rs: RowStats, prep: Prepared) -> StatFields:
-    """Mask the raw row statistics: 0 at invalid rows, NaN at out-of-range targets; argmax −1 where invalid."""
+def masked_fields(prep: Prepared, argmax: torch.Tensor, **raw: torch.Tensor) -> StatFields:
+    """``StatFields`` from raw (unmasked) per-row statistics; shared by every implementation.
+
+    ``raw`` holds the float fields of ``StatFields`` by name. They become 0 at invalid rows and NaN at
+    out-of-range targets; ``argmax`` becomes −1 at invalid rows; ``correct`` and ``bad`` (§3.7: a valid row
+    with an out-of-range target or a non-finite lse / target logit) are derived here.
+    """
     valid, oob = prep.valid, prep.out_of_range
-    zero = torch.zeros((), dtype=rs.lse.dtype, device=rs.lse.device)
-    nan = torch.full((), float("nan"), dtype=rs.lse.dtype, device=rs.lse.device)
-
-    def m(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(oob, nan, torch.where(valid, x, zero))
-
-    support_mean = rs.target_logit + rs.a_over_k
-    argmax = torch.where(valid, rs.argmax, torch.full_like(rs.argmax, -1))
-    bad = valid & (oob | ~torch.isfinite(rs.lse) | ~torch.isfinite(rs.target_logit))
+    lse, zy = raw["lse"], raw["target_logit"]
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
+    floats = {k: torch.where(oob, nan, torch.where(valid, raw[k], zero)) for k in StatFields.FLOATS}
+    argmax = torch.where(valid, argmax, torch.full_like(argmax, -1))
     return StatFields(
-        lse=m(rs.lse),
-        target_logit=m(rs.target_logit),
-        nll=m(rs.nll),
-        log1m_target_prob=m(rs.log1m),
-        support_mean_logit=m(support_mean),
-        entropy=m(rs.entropy),
-        wrong_entropy=m(rs.wrong_entropy),
-        a_over_k=m(rs.a_over_k),
+        **floats,
         argmax=argmax,
         correct=valid & ~oob & (argmax == prep.target),
-        bad=bad,
+        bad=valid & (oob | ~torch.isfinite(lse) | ~torch.isfinite(zy)),
+    )
+
+
+def finish(rs: RowStats, prep: Prepared) -> StatFields:
+    """Mask the raw row statistics of a pass (``masked_fields``); the support mean is ``z_y + a/K``."""
+    return masked_fields(
+        prep,
+        rs.argmax,
+        lse=rs.lse,
+        target_logit=rs.target_logit,
+        nll=rs.nll,
+        log1m_target_prob=rs.log1m,
+        support_mean_logit=rs.target_logit + rs.a_over_k,
+        entropy=rs.entropy,
+        wrong_entropy=rs.wrong_entropy,
+        a_over_k=rs.a_over_k,
     )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from losskit.functional.cross_entropy import entropy, wrong_answer_entropy
-from losskit.kernels.chunked import StatFields
+from losskit.kernels.chunked import StatFields, masked_fields
 from losskit.kernels.prepare import Prepared, Smoothing
 
 _NEG_INF = float("-inf")
@@ -47,6 +47,7 @@ def _rows(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
 
 
 def _mask(x: torch.Tensor, prep: Prepared) -> torch.Tensor:
+    """0 at invalid rows, NaN at out-of-range targets (as ``chunked.masked_fields`` masks the statistics)."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
     return torch.where(prep.out_of_range, nan, torch.where(prep.valid, x, zero))
@@ -74,21 +75,17 @@ def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torc
     h = entropy(z)
     # wrong_answer_entropy gives NaN at out-of-range targets itself; it needs the unclamped target for that.
     hq = wrong_answer_entropy(z, prep.target, ignore_index=None)
-    argmax = torch.argmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-    argmax = torch.where(prep.valid, argmax, torch.full_like(argmax, -1))
-    bad = prep.valid & (prep.out_of_range | ~torch.isfinite(lse) | ~torch.isfinite(zy))
-    fields = StatFields(
-        lse=_mask(lse, prep),
-        target_logit=_mask(zy, prep),
-        nll=_mask(nll, prep),
-        log1m_target_prob=_mask(log1m, prep),
-        support_mean_logit=_mask(support_mean, prep),
-        entropy=_mask(h, prep),
-        wrong_entropy=_mask(hq, prep),
-        a_over_k=_mask(support_mean - zy, prep),
-        argmax=argmax,
-        correct=prep.valid & ~prep.out_of_range & (argmax == prep.target),
-        bad=bad,
+    fields = masked_fields(
+        prep,
+        torch.argmax(logits.reshape(-1, logits.shape[-1]), dim=-1),
+        lse=lse,
+        target_logit=zy,
+        nll=nll,
+        log1m_target_prob=log1m,
+        support_mean_logit=support_mean,
+        entropy=h,
+        wrong_entropy=hq,
+        a_over_k=support_mean - zy,
     )
     return fields, lp
 
