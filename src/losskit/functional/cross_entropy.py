@@ -410,6 +410,10 @@ def cross_entropy(
 def _entropy_validity(
     logits: torch.Tensor, target: torch.Tensor | None, ignore_index: int | None, mask: torch.Tensor | None
 ) -> torch.Tensor:
+    """Checked validity mask of ``entropy``: the contract's when ``target`` is given, else ``mask`` (or all).
+
+    ``contract.check_logits_target`` needs a target, so the target-free call checks logits and mask here.
+    """
     if target is not None:
         check_logits_target(logits, target, mask=mask)
         return validity_mask(target, ignore_index=ignore_index, mask=mask)
