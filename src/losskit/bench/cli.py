@@ -17,7 +17,7 @@ import torch
 from losskit.bench import cross_entropy, env, report
 from losskit.contract import ConfigError
 
-DEFAULT_CSV_DIR = pathlib.Path("bench_results")
+DEFAULT_CSV_DIR = env.DEFAULT_CSV_DIR
 CPU_FULL_REPS = 5
 
 
@@ -87,8 +87,7 @@ def _options(args: argparse.Namespace) -> cross_entropy.Options:
 
 def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
     """``bench_results/bench_cross_entropy_<UTC date and time>.csv``."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    return DEFAULT_CSV_DIR / f"bench_cross_entropy_{now.strftime('%Y-%m-%dT%H%M%SZ')}.csv"
+    return env.dated_csv_path("bench_cross_entropy", now)
 
 
 def main(argv: list[str] | None = None, prog: str = "losskit bench") -> int:

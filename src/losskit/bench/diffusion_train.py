@@ -27,12 +27,13 @@ from collections.abc import Sequence
 
 import torch
 
-from losskit.bench.env import Environment, describe
+from losskit.bench import env as bench_env
+from losskit.bench.env import Environment, dated_csv_path, describe
 from losskit.bench.report import text_table
 from losskit.train.sinks import read_metrics
 
 BUDGET_S = 120.0
-DEFAULT_CSV_DIR = pathlib.Path("bench_results")
+DEFAULT_CSV_DIR = bench_env.DEFAULT_CSV_DIR
 
 CSV_COLUMNS: tuple[str, ...] = (
     "date", "git_commit", "device", "torch", "load_avg_1min", "cpu_count", "overrides", "max_iters", "wall_s",
@@ -158,8 +159,7 @@ def write_csv(path: pathlib.Path, result: Result, env: Environment, budget_s: fl
 
 def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
     """``bench_results/bench_diffusion_train_<UTC date and time>.csv``."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    return DEFAULT_CSV_DIR / f"bench_diffusion_train_{now.strftime('%Y-%m-%dT%H%M%SZ')}.csv"
+    return dated_csv_path("bench_diffusion_train", now)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import subprocess
 import torch
 
 _SOURCE_DIR = pathlib.Path(__file__).resolve().parent
+DEFAULT_CSV_DIR = pathlib.Path("bench_results")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def dated_csv_path(stem: str, now: datetime.datetime | None = None) -> pathlib.Path:
+    """``bench_results/<stem>_<UTC date and time>.csv``, the default CSV path of every benchmark."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    return DEFAULT_CSV_DIR / f"{stem}_{now.strftime('%Y-%m-%dT%H%M%SZ')}.csv"
 
 
 def describe(device: torch.device) -> Environment:
