@@ -178,10 +178,12 @@ class CombinedLoss(nn.Module):
 
     @property
     def labels(self) -> tuple[str, ...]:
+        """Labels of the enabled criteria, in config order."""
         return tuple(spec.label for spec in self.specs)
 
     @property
     def weights(self) -> dict[str, float]:
+        """``{label: w_i}`` of the enabled criteria, in config order."""
         return {spec.label: spec.weight for spec in self.specs}
 
     def _hooked(self) -> list[nn.Module]:
@@ -208,6 +210,7 @@ class CombinedLoss(nn.Module):
             module.register_hooks(model)
 
     def remove_hooks(self) -> None:
+        """Remove the hooks of every hook-based criterion (idempotent)."""
         for module in self._hooked():
             module.remove_hooks()
 

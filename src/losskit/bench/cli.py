@@ -91,6 +91,7 @@ def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None, prog: str = "losskit bench") -> int:
+    """Run the benchmark for ``argv``; the exit status is 0, 1 (an entry failed) or 2 (bad arguments)."""
     parser = build_parser(prog)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -99,6 +99,7 @@ def time_run(overrides: Sequence[str], *, out_dir: pathlib.Path | None = None) -
 
 
 def status_of(result: Result, budget_s: float) -> str:
+    """The CSV's status cell: an error, "over budget", or "ok" (noting when overrides make it no budget run)."""
     if result.returncode != 0:
         return f"error: exit code {result.returncode}"
     if not result.is_default:
@@ -194,6 +195,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "bench_diffusion_train.py") -> int:
+    """Time one run for ``argv``; exit status: the run's own when it fails, 1 with ``--strict`` when the default
+    run misses the budget, 2 for bad arguments, else 0."""
     parser = build_parser(prog)
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in overrides if not (a.startswith("--") and "=" in a)]
