@@ -40,6 +40,7 @@ from losskit.contract import (
     LossInputError,
     StepCounts,
     check_finite_logits,
+    check_ignore_index,
     check_logits_target,
     check_target_range,
     validity_mask,
@@ -297,8 +298,7 @@ class LossModifierPipeline:
     def _run(self, mods, logits, targets, *, incoming, mask, ignore_index, step_counts, iter_num, extras, impl,
              inplace_grad) -> ModifiedLoss:
         check_logits_target(logits, targets, mask=mask)
-        if ignore_index is not None and not isinstance(ignore_index, int):
-            raise LossInputError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        check_ignore_index(ignore_index)
         if step_counts is not None and not isinstance(step_counts, StepCounts):
             raise LossInputError(f"step_counts must be a losskit.contract.StepCounts, got {type(step_counts).__name__}")
         producer = self._producer(mods)
