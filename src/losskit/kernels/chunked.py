@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from losskit.contract import LossInputError
+from losskit.contract import LossInputError, TokenStats
 from losskit.kernels import rowmath
 from losskit.kernels.columns import ids_tensor
 from losskit.kernels.prepare import Prepared, Smoothing
@@ -483,16 +483,8 @@ class StatFields:
     correct: torch.Tensor
     bad: torch.Tensor
 
-    FLOATS = (
-        "lse",
-        "target_logit",
-        "nll",
-        "log1m_target_prob",
-        "support_mean_logit",
-        "entropy",
-        "wrong_entropy",
-        "a_over_k",
-    )
+    # The public float fields (in TokenStats order) plus the private a/K.
+    FLOATS = (*TokenStats.FLOAT_FIELDS, "a_over_k")
 
 
 def masked_fields(prep: Prepared, argmax: torch.Tensor, **raw: torch.Tensor) -> StatFields:
