@@ -220,7 +220,8 @@ def test_losskit_pipeline_matches_reference(impl, inplace, dtype):
     logits, target, u = problem(b=3, t=6, v=300, dtype=dtype)
     target[2] = -100  # an empty sample
     cfg = losses.AllFeatures()
-    x = logits.clone().requires_grad_(True)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf.clone() if inplace else leaf  # in place needs a non-leaf (a model's logits); G reaches the leaf
     loss = losses.losskit_pipeline(x, target, u, cfg, impl=impl, inplace_grad=inplace)
     loss.backward()
     x64 = logits.double().requires_grad_(True)
@@ -228,7 +229,7 @@ def test_losskit_pipeline_matches_reference(impl, inplace, dtype):
     ref.backward()
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert loss.item() == pytest.approx(ref.item(), rel=tol)
-    _grad_close(x.grad, x64.grad, tol)
+    _grad_close(leaf.grad, x64.grad, tol)
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
@@ -241,14 +242,15 @@ def test_losskit_eager_matches_reference(impl, inplace, upstream):
     logits, target, u = problem(b=3, t=6, v=300, dtype=torch.float32)
     cfg = losses.AllFeatures()
     coeff, denom = losses.eager_coefficients(losses.wrong_entropy_torch(logits, target), target != -100, u, cfg)
-    x = logits.clone().requires_grad_(True)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf.clone() if inplace else leaf  # in place needs a non-leaf (a model's logits); G reaches the leaf
     loss = losses.losskit_eager(x, target, coeff, denom, cfg, impl=impl, inplace_grad=inplace)
     (loss * upstream).backward()
     x64 = logits.double().requires_grad_(True)
     ref = losses.eager_reference(x64, target, coeff, denom, cfg)
     (ref * upstream).backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    _grad_close(x.grad, x64.grad, 1e-5)
+    _grad_close(leaf.grad, x64.grad, 1e-5)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "in_place"])
@@ -261,14 +263,15 @@ def test_modifier_pipeline_matches_reference_without_z_loss(inplace):
     target[2] = -100
     cfg = losses.AllFeatures()
     pipeline = losses.modifier_pipeline(cfg, 300)
-    x = logits.clone().requires_grad_(True)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf.clone() if inplace else leaf  # in place needs a non-leaf (a model's logits); G reaches the leaf
     loss = losses.losskit_modifier_pipeline(pipeline, x, target, u, impl="chunked", inplace_grad=inplace)
     loss.backward()
     x64 = logits.double().requires_grad_(True)
     ref = losses.all_features_reference(x64, target, u, dataclasses.replace(cfg, z_loss=0.0))
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    _grad_close(x.grad, x64.grad, 1e-5)
+    _grad_close(leaf.grad, x64.grad, 1e-5)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

@@ -36,8 +36,8 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 def run(x):
-    # torch.autograd.grad, not backward: in place G *is* x's storage, and accumulating it into a leaf's .grad
-    # would clone it (in training the logits are a non-leaf and G flows straight into the lm-head backward).
+    # x is a non-leaf (in training the logits are the lm head's output; in place is refused on a leaf) and
+    # torch.autograd.grad returns G, which in place *is* x's storage, without accumulating it anywhere.
     if mode == "pipeline":
         s = kernels.token_stats(x, t, smoothing_exclude=range(V - 256, V), impl="chunked", chunk_bytes=CHUNK,
                                 inplace_grad=inplace)
@@ -50,8 +50,8 @@ def run(x):
     (g,) = torch.autograd.grad(loss, x)
     assert g.shape == x.shape
     del g
-warm = leaf.detach().clone().requires_grad_(); run(warm); del warm  # column sets, allocator
-target = leaf
+warm = leaf * 1.0; run(warm); del warm  # column sets, allocator
+target = leaf * 1.0
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 run(target)

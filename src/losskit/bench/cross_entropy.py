@@ -411,7 +411,8 @@ class BenchCase:
 
     def prepare(self) -> torch.Tensor:
         if self.entry.inplace:
-            return self.problem.logits.detach().clone().requires_grad_(True)
+            # a non-leaf copy, as a model's logits are (in place is refused on a leaf that requires grad)
+            return self.problem.logits.clone()
         return self.problem.logits
 
     def step(self, x: torch.Tensor) -> None:
@@ -487,10 +488,11 @@ def max_error(entry: Entry, problem: Problem, rows: int = CHECK_ROWS) -> float:
     ``max(|L − L_ref| / max(1, |L_ref|), max|G − G_ref| / max|G_ref|)`` with G the gradient w.r.t. the logits.
     """
     head = problem.head(rows)
-    x = head.logits.detach().clone().requires_grad_(True)
+    leaf = head.logits.detach().clone().requires_grad_(True)
+    x = leaf.clone() if entry.inplace else leaf  # in place needs a non-leaf; its gradient reaches the leaf
     loss = entry.loss(head, x)
     loss.backward()
-    grad = x.grad.double()
+    grad = leaf.grad.double()
     x64 = head.logits.detach().double().requires_grad_(True)
     ref = entry.oracle(head, x64)
     ref.backward()

@@ -77,6 +77,27 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+def _check_inplace_grad(inplace_grad, logits: torch.Tensor) -> bool:
+    """``inplace_grad`` as a bool; refused on a leaf that requires grad, or on a view of one.
+
+    Writing the gradient into such a tensor would overwrite a parameter (or an input the caller keeps) with its
+    own gradient; torch refuses in-place operations on it for the same reason.
+    """
+    _check_bool("inplace_grad", inplace_grad)
+    if inplace_grad and _grad_wanted(logits):  # without a backward nothing is written
+        root = logits
+        while root._base is not None:
+            root = root._base
+        if root.is_leaf:
+            what = "a view of a leaf tensor" if root is not logits else "a leaf tensor"
+            raise LossInputError(
+                f"inplace_grad=True needs logits produced by an operation (e.g. a model's output); got {what} "
+                "that requires grad, whose data the gradient would overwrite (torch refuses in-place operations "
+                "on such tensors too). Pass inplace_grad=False, or compute the logits from the leaf first"
+            )
+    return inplace_grad
+
+
 def _grad_wanted(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -154,7 +175,7 @@ def token_stats(
         chunk_bytes: chunk budget of ``"chunked"`` (default 4 MiB on CPU, 256 MiB on CUDA).
     """
     resolved = _resolve(impl, logits)
-    _check_bool("inplace_grad", inplace_grad)
+    _check_inplace_grad(inplace_grad, logits)
     prep = prepare(logits, target, ignore_index=ignore_index, mask=mask, smoothing_exclude=smoothing_exclude)
     return _to_token_stats(_fields(logits, prep, resolved, inplace_grad, chunk_bytes), prep)
 
@@ -269,7 +290,7 @@ def fused_token_loss(
     resolved = _resolve(impl, logits)
     check_choice("reduction", reduction, FUSED_REDUCTIONS)
     check_choice("grad_mode", grad_mode, GRAD_MODES)
-    _check_bool("inplace_grad", inplace_grad)
+    _check_inplace_grad(inplace_grad, logits)
     lam = check_z_loss(z_loss)
     prep = prepare(
         logits,
@@ -418,7 +439,7 @@ def cross_entropy(
     eps = check_label_smoothing(label_smoothing, smoothing_convention, prep.num_support)
     lam = check_z_loss(z_loss)
     resolved = _resolve(impl, logits)
-    _check_bool("inplace_grad", inplace_grad)
+    _check_inplace_grad(inplace_grad, logits)
     sm = prepare_smoothing(prep, eps, smoothing_convention, None, logits.device)
     denom = None
     if reduction == "mean":

@@ -222,12 +222,18 @@ def _block_state(
 
     # a = Σ_{i∈A, i≠y} (z_i − z_y), accumulated against m so a shared offset cancels exactly.
     _set_target(wab, local, in_block, 0.0)
-    # torch.sum reduces pairwise (a matvec accumulates sequentially: 2e-5 relative on a 128k-term row);
-    # the excluded columns, usually few, are summed separately and subtracted.
-    s_a = wab.sum(1)
+    # torch.sum reduces pairwise (a matvec accumulates sequentially: 2e-5 relative on a 128k-term row).
+    # The excluded columns, usually few, are zeroed for the sum and restored for the exponentials: summing
+    # everything and subtracting them would cancel catastrophically when they hold −inf (clamped to −2¹⁰⁰) or
+    # any very negative value, which is how a vocabulary is masked.
     ex_local = excluded_in_block(c0, c1)
-    if ex_local is not None:
-        s_a = s_a - wab.index_select(1, ex_local).sum(1)
+    if ex_local is None:
+        s_a = wab.sum(1)
+    else:
+        held = wab.index_select(1, ex_local)
+        wab.index_fill_(1, ex_local, 0.0)
+        s_a = wab.sum(1)
+        wab.index_copy_(1, ex_local, held)
     y_in = y_in_support if in_block is None else y_in_support * in_block
     cnt = float(support_counts(c0, c1)) - y_in
     a = s_a - cnt * (zy - m)

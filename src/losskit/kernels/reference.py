@@ -46,6 +46,17 @@ def _rows(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
     return torch.where(prep.valid[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
 
 
+def _shift(z: torch.Tensor) -> torch.Tensor:
+    """The (detached) row maximum, 0 where it is not finite (all −inf, or NaN/+inf: bad rows).
+
+    The statistics are computed on ``z − shift`` and the shift is added back only to lse: a common offset
+    then cancels exactly (``z − max`` is exact for logits near the max) instead of rounding lse to the ulp of
+    a large logit, which would become the absolute error of nll and of every ``p_j``.
+    """
+    top = z.detach().amax(dim=-1)
+    return torch.where(torch.isfinite(top), top, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
 def _mask(x: torch.Tensor, prep: Prepared) -> torch.Tensor:
     """0 at invalid rows, NaN at out-of-range targets (as ``chunked.masked_fields`` masks the statistics)."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -55,37 +66,50 @@ def _mask(x: torch.Tensor, prep: Prepared) -> torch.Tensor:
 
 def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torch.Tensor]:
     """All statistics of §2.1 (flat, masked) plus ``lp`` (the ``(n, V)`` log-probabilities, for the loss)."""
-    z = _rows(logits, prep)
+    z_orig = _rows(logits, prep)
+    shift = _shift(z_orig)
+    z = z_orig - shift[:, None]
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
     tgt = prep.target[:, None]
+    # the target logit itself, unshifted: (z_y − max) + max need not round back to z_y
+    target_logit = z_orig.gather(-1, tgt)[:, 0]
     lse = torch.logsumexp(z, dim=-1)
     lp = z - lse[:, None]
     zy = z.gather(-1, tgt)[:, 0]
     zq = z.scatter(-1, tgt, _NEG_INF)
-    lneg = torch.logsumexp(zq, dim=-1)
-    nll = softplus(lneg - zy)
-    log1m = -softplus(zy - lneg)
+    # A degenerate row (no finite non-target logit) has L¬ = −inf: logsumexp's backward would evaluate
+    # exp(−inf − (−inf)) = NaN there, so L¬ is taken on a harmless stand-in row and set to −inf afterwards
+    # (nll = 0 and ln(1 − p_y) = −inf, each with a zero gradient).
+    has_wrong = zq.amax(dim=-1) > _NEG_INF
+    lneg_safe = torch.logsumexp(torch.where(has_wrong[:, None], zq, zero), dim=-1)
+    neg_inf = torch.full((), _NEG_INF, dtype=z.dtype, device=z.device)
+    nll = torch.where(has_wrong, softplus(lneg_safe - zy), zero)
+    log1m = torch.where(has_wrong, -softplus(zy - lneg_safe), neg_inf)
     k = prep.num_support
+    # support mean: the plain mean of the original logits; gap = mean − z_y taken over z − z_y, where a common
+    # offset cancels exactly (the smoothing term uses the gap). where, not a product with the indicator:
+    # excluded columns may be −inf (masked vocabulary).
+    in_a = prep.support.indicator.bool()
     if k == 0:
-        support_mean = zy
-    elif prep.support.ids:
-        in_a = prep.support.indicator.bool()
-        support_mean = torch.where(in_a, z, torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1) / k
+        gap = torch.zeros_like(zy)
+        support_mean = target_logit
     else:
-        support_mean = z.sum(-1) / k
+        gap = torch.where(in_a, z - zy[:, None], zero).sum(-1) / k
+        support_mean = torch.where(in_a, z_orig, zero).sum(-1) / k
     h = entropy(z)
     # wrong_answer_entropy gives NaN at out-of-range targets itself; it needs the unclamped target for that.
     hq = wrong_answer_entropy(z, prep.target, ignore_index=None)
     fields = masked_fields(
         prep,
         torch.argmax(logits.reshape(-1, logits.shape[-1]), dim=-1),
-        lse=lse,
-        target_logit=zy,
+        lse=lse + shift,
+        target_logit=target_logit,
         nll=nll,
         log1m_target_prob=log1m,
         support_mean_logit=support_mean,
         entropy=h,
         wrong_entropy=hq,
-        a_over_k=support_mean - zy,
+        a_over_k=gap,
     )
     return fields, lp
 

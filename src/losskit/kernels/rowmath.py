@@ -119,13 +119,18 @@ def finalize(
     ``z_y``), ``nll = sp₋``, ``ln(1 − p_y) = −sp₊``, ``H(q) = ln d − s/d``,
     ``H(p) = p_y·sp₋ + (1 − p_y)(sp₊ + H(q))``, support mean − z_y = ``a/K``.
 
-    ``m`` is the reference the state was accumulated against (0 stands in for −∞ when ``d = 0``).
+    ``m`` is the reference the state was accumulated against (0 stands in for −∞ when ``d = 0``). Every
+    difference of large quantities is formed exactly: ``δ = −((m − z_y) + ln d)``, never ``z_y − L¬``, so a
+    common offset of all logits changes nothing beyond the rounding of the inputs.
     ``target`` is the clamped target (in ``[0, V)``); the argmax compares the best non-target column with
     ``z_y``, lowest index on ties (as ``torch.argmax``).
     """
     zero = torch.zeros_like(d)
-    lneg = m + torch.log(d)
-    delta = target_logit - lneg
+    log_d = torch.log(d)
+    lneg = m + log_d
+    # δ = z_y − L¬ formed as −((m − z_y) + ln d): m − z_y is exact for nearby logits, while L¬ itself rounds
+    # to the ulp of a large logit (1e-3 at |z| ≈ 1e4), which would become the absolute error of nll.
+    delta = -((m - target_logit) + log_d)
     sp_pos = softplus(delta)
     sp_neg = softplus(-delta)
     lse = torch.maximum(lneg, target_logit) + torch.log1p(torch.exp(-delta.abs()))
@@ -223,13 +228,16 @@ def stats_grad_coefficients(
         g_target = g_target + g_zy
     beta = None
     if g_h is not None:
-        alpha = alpha - g_h * om * (rs.entropy + rs.log1m)  # log1m = −sp₊
+        # om·(H − sp₊) → 0 as om → 0; where, not the product: sp₊ = inf on a degenerate row (0·inf = NaN)
+        alpha = alpha - g_h * torch.where(om > 0, om * (rs.entropy + rs.log1m), zero)  # log1m = −sp₊
         beta = -g_h * om
         g_target = g_target + g_h * p_y * (rs.nll - rs.entropy)
     if g_hq is not None:
         alpha = alpha - g_hq * rs.wrong_entropy
         beta = -g_hq if beta is None else beta - g_hq
     if g_l1m is not None:
+        # A degenerate row (no finite non-target logit, d = 0) has ln(1 − p_y) = −inf whatever z_y: gradient 0.
+        g_l1m = torch.where(rs.inv_d > 0, g_l1m, zero)
         alpha = alpha + g_l1m * p_y
         g_target = g_target - g_l1m * p_y
     gamma = None
