@@ -1,9 +1,20 @@
 """The loss registry: an explicit table name -> ``LossSpec``.
 
 ``combined.CombinedLoss`` resolves YAML criterion names here (entries whose ``module`` is set), ``losskit
-losses`` prints it, and the training service serves every entry whose ``service_fn`` is set as a built-in
-loss (``cross_entropy``'s ``service_fn`` is set by the service layer to Tinker's token cross-entropy).
-``dpo`` deliberately has no entry, so seed 002's ``@custom_loss(name="dpo")`` example can register that name.
+losses`` prints it, and the training service (``losskit serve``) serves every entry whose ``service_fn`` is set
+as a built-in loss. ``cross_entropy``'s ``service_fn`` is ``functional.policy.token_cross_entropy`` (Tinker
+semantics: ``-Σ lp·w``); ``dpo`` deliberately has no entry, so seed 002's ``@custom_loss(name="dpo")`` example
+can register that name.
+
+A ``service_fn`` follows one of two calling conventions, told apart by its first parameter:
+
+* ``logprobs`` (the Tinker losses, sums): ``service_fn(lp, *inputs, mask=..., **config)``, where ``lp`` are the
+  learner's log-probabilities of the target tokens, the other positional parameters name request inputs
+  (``sampling_logprobs`` is the request's ``logprobs``) and keyword-only parameters are config keys;
+* ``logits`` (losskit's own losses, means over the supervised tokens): ``service_fn(logits, target,
+  **config)`` with ``(B, T, V)`` logits and ``-100`` at unsupervised targets.
+
+Either returns a ``LossFnOutput`` whose diagnostics are detached tensors.
 """
 
 from __future__ import annotations
@@ -13,8 +24,10 @@ import difflib
 from collections.abc import Callable
 
 from losskit import functional, kernels, losses
-from losskit.contract import ConfigError
-from losskit.functional import temporal
+from losskit.contract import ConfigError, LossFnOutput
+from losskit.functional import policy, temporal
+from losskit.modifiers import create_loss_modifier_pipeline
+from losskit.modifiers.config_keys import MASTER_SWITCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +80,45 @@ def get(name: str) -> LossSpec:
     raise ConfigError(f"{name!r} is not a registered loss{hint} (valid: {', '.join(sorted(REGISTRY))})")
 
 
+def serve_label_smoothed_cross_entropy(
+    logits, target, *, label_smoothing: float = 0.1, smoothing_convention: str = "torch",
+    smoothing_exclude=(), z_loss: float = 0.0,
+) -> LossFnOutput:
+    """Label-smoothed cross-entropy (+ z-loss), the mean over the supervised tokens (``kernels.cross_entropy``).
+
+    The service's ``label_smoothed_cross_entropy``: ``kernels.cross_entropy(logits, target,
+    label_smoothing=..., smoothing_convention=..., smoothing_exclude=..., z_loss=..., reduction="mean")``.
+    """
+    loss = kernels.cross_entropy(
+        logits, target, label_smoothing=label_smoothing, smoothing_convention=smoothing_convention,
+        smoothing_exclude=smoothing_exclude, z_loss=z_loss, reduction="mean",
+    )
+    return LossFnOutput(loss=loss, diagnostics={"loss:mean": loss.detach()})
+
+
+def serve_loss_modifiers(logits, target, **config) -> LossFnOutput:
+    """Seed 000's loss-modifier pipeline on one statistics pass; the mean over the supervised tokens.
+
+    ``config`` holds the flat modifier keys of ``losskit train`` (``target_smoothing_factor``,
+    ``entropy_modifier_enabled``, ...), validated by the same key table; ``loss_modifiers_enabled`` is implied.
+    Equivalent to ``create_loss_modifier_pipeline({"loss_modifiers_enabled": True, **config}).compute(logits,
+    target)``; the diagnostics add the pipeline's ``loss_modifiers/...`` metrics.
+    """
+    if config.get(MASTER_SWITCH, True) is not True:
+        raise ConfigError(f"{MASTER_SWITCH} is implied by the loss_modifiers loss; remove it, got {config[MASTER_SWITCH]!r}")
+    pipe = create_loss_modifier_pipeline({**config, MASTER_SWITCH: True}, verbose=False)
+    out = pipe.compute(logits, target)
+    diagnostics = {"loss:mean": out.loss.detach(), "loss_raw:mean": out.loss_raw.detach(), **pipe.get_all_metrics()}
+    return LossFnOutput(loss=out.loss, diagnostics=diagnostics)
+
+
 register(
     LossSpec(
         name="cross_entropy",
         fn=kernels.cross_entropy,
         required_inputs=("logits", "target"),
         description="token cross-entropy with ignore_index/mask, token weights, label smoothing, z-loss",
+        service_fn=policy.token_cross_entropy,
     )
 )
 register(
@@ -82,6 +128,7 @@ register(
         required_inputs=("logits", "target"),
         description="label-smoothed cross-entropy (seed 004, corrected): torch or fairseq convention",
         module=losses.LabelSmoothedCrossEntropy,
+        service_fn=serve_label_smoothed_cross_entropy,
     )
 )
 register(
@@ -127,5 +174,30 @@ register(
         required_inputs=("activation",),
         description="energy over modules marked with losskit.hooks.monitor_energy (EnergyLoss, select='marked')",
         module=losses.ActivityLoss,
+    )
+)
+# Tinker's RL losses (service built-ins, token sums; functional/policy.py). ``fn`` is the same function.
+for _fn, _description in (
+    (policy.importance_sampling, "REINFORCE with importance sampling: -sum r*A, r = exp(lp - q) (Tinker, no clamp)"),
+    (policy.ppo, "PPO clipped surrogate: -sum min(r*A, clip(r, 0.8, 1.2)*A) (Tinker; absolute ratio bounds)"),
+    (policy.cispo, "CISPO: -sum sg(clip(r, 0, 4))*lp*A (Tinker; absolute ratio bounds)"),
+    (policy.dro, "DRO: -sum (lp*A - beta/2*(lp - q)^2) (Tinker; beta required)"),
+):
+    register(
+        LossSpec(
+            name=_fn.__name__,
+            fn=_fn,
+            required_inputs=("logprobs", "sampling_logprobs", "advantages"),
+            description=_description,
+            service_fn=_fn,
+        )
+    )
+register(
+    LossSpec(
+        name="loss_modifiers",
+        fn=serve_loss_modifiers,
+        required_inputs=("logits", "target"),
+        description="seed 000's loss-modifier pipeline (flat keys as in losskit train), mean over supervised tokens",
+        service_fn=serve_loss_modifiers,
     )
 )
