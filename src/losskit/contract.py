@@ -54,6 +54,9 @@ class TokenStats:
         support_mean_logit: ``(1/K) Σ_{i∈A} z_i`` over the smoothing support A.
         entropy: ``H(p)``.
         wrong_entropy: ``H(q)``, the entropy of p renormalised over the columns ``i != y``.
+        support_gap: ``(1/K) Σ_{i∈A} (z_i − z_y)``, the support mean minus the target logit, accumulated
+            against ``z_y`` so that a common offset of the logits cancels exactly (``support_mean_logit −
+            target_logit`` would lose it to rounding). The label-smoothing term is ``ε·support_gap``.
         argmax: int64 argmax over all columns (lowest index on ties), -1 at invalid rows.
         correct: ``argmax == target`` at valid rows.
         bad: valid row with an out-of-range target or a non-finite lse/target logit (or, with smoothing,
@@ -68,6 +71,7 @@ class TokenStats:
     support_mean_logit: torch.Tensor
     entropy: torch.Tensor
     wrong_entropy: torch.Tensor
+    support_gap: torch.Tensor
     argmax: torch.Tensor
     correct: torch.Tensor
     bad: torch.Tensor
@@ -80,6 +84,7 @@ class TokenStats:
         "support_mean_logit",
         "entropy",
         "wrong_entropy",
+        "support_gap",
     )
 
     def detach(self) -> TokenStats:

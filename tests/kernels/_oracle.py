@@ -18,6 +18,7 @@ FLOAT_FIELDS = (
     "support_mean_logit",
     "entropy",
     "wrong_entropy",
+    "support_gap",
 )
 
 

@@ -41,7 +41,7 @@ def run(x):
     if mode == "pipeline":
         s = kernels.token_stats(x, t, smoothing_exclude=range(V - 256, V), impl="chunked", chunk_bytes=CHUNK,
                                 inplace_grad=inplace)
-        ce = s.nll - 0.1 * (s.support_mean_logit - s.target_logit) + 1e-4 * s.lse ** 2
+        ce = s.nll - 0.1 * s.support_gap + 1e-4 * s.lse ** 2
         loss = (s.wrong_entropy.detach() * ce).sum()
     else:
         loss = kernels.fused_token_loss(x, t, token_weight=w, label_smoothing=0.1, smoothing_exclude=range(V - 256, V),

@@ -439,3 +439,33 @@ def test_inplace_grad_on_a_leaf_under_no_grad_writes_nothing_and_is_allowed():
     with torch.no_grad():
         out = kernels.cross_entropy(leaf, torch.tensor([1, 2, 3]), inplace_grad=True, impl="chunked")
     assert torch.isfinite(out) and torch.equal(leaf.detach(), keep)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e4])
+def test_support_gap_is_exact_in_shift_per_token(impl, offset):
+    z0, t = _logits(40, 300, seed=13)
+    x = (z0 + offset).float()
+    ex = [0, 7]
+    support = torch.ones(300, dtype=torch.bool)
+    support[ex] = False
+    x64 = x.double()
+    ref = (x64 - x64[torch.arange(40), t][:, None])[:, support].mean(-1)
+    s = kernels.token_stats(x, t, smoothing_exclude=ex, impl=impl)
+    assert rel_err(s.support_gap, ref).max() <= 1e-5
+
+
+def test_smoothing_modifier_is_exact_in_shift_per_token():
+    from losskit.modifiers import create_loss_modifier_pipeline
+
+    z0, t = _logits(16, 300, seed=9)
+    pipe = create_loss_modifier_pipeline({
+        "loss_modifiers_enabled": True, "target_smoothing_enabled": True, "target_smoothing_factor": 0.3,
+        "target_smoothing_special_tokens": [0, 7], "target_smoothing_convention": "fairseq",
+    })
+    for offset in (1e4, 3e4):
+        for i in range(16):  # one token per call: no averaging hides a per-token error
+            x = (z0[i : i + 1] + offset).float().reshape(1, 1, 300)
+            out = pipe.compute(x, t[i : i + 1].reshape(1, 1))
+            ref = oracle_smoothed_ce(x.reshape(1, 300).double(), t[i : i + 1], 0.3, [0, 7], "fairseq")[0]
+            assert rel_err(out.loss.detach(), ref) <= 2e-5, (offset, i)

@@ -48,6 +48,7 @@ def token_stats_dense(logits, targets, *, ignore_index=-100, mask=None, smoothin
     am = logits.argmax(-1)
     return TokenStats(valid=valid, lse=f(lse), target_logit=f(zy), nll=f(nll), log1m_target_prob=f(l1m),
                       support_mean_logit=f(smean), entropy=f(hp), wrong_entropy=f(hq),
+                      support_gap=f((logits[..., support] - zy[..., None]).mean(-1)),
                       argmax=torch.where(valid, am, -1), correct=valid & (am == targets),
                       bad=valid & ~torch.isfinite(lse))
 

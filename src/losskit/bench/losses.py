@@ -206,7 +206,7 @@ def losskit_pipeline(
         inplace_grad=inplace_grad,
     )
     eps_t = smoothing_per_token(target, num_classes, cfg, st.nll.dtype)
-    token_loss = st.nll - eps_t * (st.support_mean_logit - st.target_logit) + cfg.z_loss * st.lse.square()
+    token_loss = st.nll - eps_t * st.support_gap + cfg.z_loss * st.lse.square()
     with torch.no_grad():
         beta = entropy_batch_weight(st.wrong_entropy, st.valid, cfg)
         w = mask_ratio_weight(st.valid, cfg, st.nll.dtype)

@@ -65,6 +65,7 @@ def _to_token_stats(f: StatFields, prep: Prepared, *, detach: bool = False) -> T
         support_mean_logit=r(f.support_mean_logit),
         entropy=r(f.entropy),
         wrong_entropy=r(f.wrong_entropy),
+        support_gap=r(f.support_gap),
         argmax=r(f.argmax),
         correct=r(f.correct),
         bad=r(f.bad),

@@ -470,11 +470,9 @@ def grad_pass(
 
 @dataclasses.dataclass(frozen=True)
 class StatFields:
-    """The masked per-row outputs of one pass, flat ``(n,)``.
+    """The masked per-row outputs of one pass, flat ``(n,)``: the fields of ``TokenStats`` without ``valid``.
 
     Float fields are exactly 0 at invalid rows and NaN at valid rows with an out-of-range target.
-    ``a_over_k`` (support mean − target logit, ``a/K``) is private: the fused loss uses it instead of
-    ``support_mean_logit − target_logit``, which would cancel when all logits share a large offset.
     """
 
     lse: torch.Tensor
@@ -484,13 +482,12 @@ class StatFields:
     support_mean_logit: torch.Tensor
     entropy: torch.Tensor
     wrong_entropy: torch.Tensor
-    a_over_k: torch.Tensor
+    support_gap: torch.Tensor
     argmax: torch.Tensor
     correct: torch.Tensor
     bad: torch.Tensor
 
-    # The public float fields (in TokenStats order) plus the private a/K.
-    FLOATS = (*TokenStats.FLOAT_FIELDS, "a_over_k")
+    FLOATS = TokenStats.FLOAT_FIELDS
 
 
 def masked_fields(prep: Prepared, argmax: torch.Tensor, **raw: torch.Tensor) -> StatFields:
@@ -523,10 +520,10 @@ def finish(rs: RowStats, prep: Prepared) -> StatFields:
         target_logit=rs.target_logit,
         nll=rs.nll,
         log1m_target_prob=rs.log1m,
-        support_mean_logit=rs.target_logit + rs.a_over_k,
+        support_mean_logit=rs.target_logit + rs.support_gap,
         entropy=rs.entropy,
         wrong_entropy=rs.wrong_entropy,
-        a_over_k=rs.a_over_k,
+        support_gap=rs.support_gap,
     )
 
 
@@ -542,7 +539,7 @@ def _masked_constants(rs: RowStats, valid: torch.Tensor) -> RowStats:
         target_logit=zero,
         nll=m(rs.nll),
         log1m=m(rs.log1m),
-        a_over_k=zero,
+        support_gap=zero,
         entropy=m(rs.entropy),
         wrong_entropy=m(rs.wrong_entropy),
         argmax=rs.argmax,
@@ -571,7 +568,7 @@ def _check_once_differentiable() -> None:
 class TokenStatsFunction(torch.autograd.Function):
     """Deferred mode (§4.1): forward streams the statistics and saves row constants; backward is one pass.
 
-    Outputs: the 7 float fields of ``TokenStats`` plus the private ``a/K``, then argmax, correct, bad.
+    Outputs: the float fields of ``TokenStats`` (``FLOAT_FIELDS`` order), then argmax, correct, bad.
     """
 
     @staticmethod
@@ -586,7 +583,7 @@ class TokenStatsFunction(torch.autograd.Function):
         return tuple(getattr(f, k) for k in StatFields.FLOATS) + (f.argmax, f.correct, f.bad)
 
     @staticmethod
-    def backward(ctx, g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak, *_):
+    def backward(ctx, g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_gap, *_):
         _check_once_differentiable()
         (logits,) = ctx.saved_tensors
         prep: Prepared = ctx.prep
@@ -596,12 +593,12 @@ class TokenStatsFunction(torch.autograd.Function):
         def flat(g):
             return None if g is None else torch.where(valid, g.reshape(-1).to(prep.dtype), zero)
 
-        g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak = map(
-            flat, (g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_ak)
+        g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_gap = map(
+            flat, (g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_gap)
         )
-        if g_ak is not None:  # a/K = support mean − z_y
-            g_mean = g_ak if g_mean is None else g_mean + g_ak
-            g_zy = -g_ak if g_zy is None else g_zy - g_ak
+        if g_gap is not None:  # support_gap = support mean − z_y
+            g_mean = g_gap if g_mean is None else g_mean + g_gap
+            g_zy = -g_gap if g_zy is None else g_zy - g_gap
         co = rowmath.stats_grad_coefficients(
             ctx.rs,
             prep.target_in_support,
@@ -623,11 +620,10 @@ class TokenStatsFunction(torch.autograd.Function):
 
 
 def fused_token_terms(f: StatFields, sm: Smoothing, z_loss: float) -> torch.Tensor:
-    """Per-token ``CE_ε + λ·lse²`` from the fields: ``nll − ε_t·(K/K_t)·(a/K) + λ·lse²`` (§3.3)."""
+    """Per-token ``CE_ε + λ·lse²`` from the fields: ``nll − ε_t·(K/K_t)·support_gap + λ·lse²`` (§3.3)."""
     loss = f.nll
     if sm.eps_t is not None:
-        smooth = sm.eps_t * sm.k_ratio * f.a_over_k
-        loss = loss - torch.where(sm.eps_t > 0, smooth, torch.zeros_like(smooth))
+        loss = rowmath.smoothed_nll(f.nll, f.support_gap, sm.eps_t * sm.k_ratio)
     if z_loss != 0.0:
         loss = loss + z_loss * f.lse * f.lse
     return loss

@@ -109,7 +109,7 @@ def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torc
         support_mean_logit=support_mean,
         entropy=h,
         wrong_entropy=hq,
-        a_over_k=gap,
+        support_gap=gap,
     )
     return fields, lp
 

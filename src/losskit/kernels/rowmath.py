@@ -91,7 +91,7 @@ class RowStats:
     target_logit: torch.Tensor
     nll: torch.Tensor  # sp₋
     log1m: torch.Tensor  # −sp₊
-    a_over_k: torch.Tensor  # a / K  (support mean minus target logit)
+    support_gap: torch.Tensor  # a / K  (support mean minus target logit, exact in shift)
     entropy: torch.Tensor
     wrong_entropy: torch.Tensor
     argmax: torch.Tensor
@@ -141,7 +141,7 @@ def finalize(
     wrong_entropy = torch.where(has_wrong, torch.log(d_safe) - s / d_safe, zero)
     # 0·inf would be NaN when 1 − p_y underflows with sp₊ = inf (no finite non-target logit).
     entropy = p_y * sp_neg + torch.where(om > 0, om * (sp_pos + wrong_entropy), zero)
-    a_over_k = a / num_support if num_support > 0 else torch.zeros_like(a)
+    support_gap = a / num_support if num_support > 0 else torch.zeros_like(a)
     zy_c = target_logit.clamp_min(NEG_LARGE)
     y_wins = (zy_c > amax_val) | ((zy_c == amax_val) & (target < amax_idx))
     y_wins = y_wins | (torch.isnan(target_logit) & (~torch.isnan(amax_val) | (target < amax_idx)))
@@ -151,7 +151,7 @@ def finalize(
         target_logit=target_logit,
         nll=sp_neg,
         log1m=-sp_pos,
-        a_over_k=a_over_k,
+        support_gap=support_gap,
         entropy=entropy,
         wrong_entropy=wrong_entropy,
         argmax=argmax,
@@ -161,6 +161,17 @@ def finalize(
         p_y=p_y,
         one_minus_p_y=om,
     )
+
+
+def smoothed_nll(nll: torch.Tensor, support_gap: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Label-smoothed CE from the statistics (§3.3), the one closed form every fast path uses.
+
+    ``CE_ε = nll − ε_t·a/K_t = nll − scale·support_gap`` with ``scale = ε_t·K/K_t`` (ε_t for the "torch"
+    convention, ``ε_t·K/(K − [y∈A])`` for "fairseq"; 0 on hard-target rows). ``torch.where``, not the product
+    alone: a row with ε_t = 0 keeps its plain nll even where ``support_gap`` is −inf (−inf in the support).
+    The dense equivalent is ``−Σ_c q_c·log_softmax(z)_c`` with ``q = (1 − ε_t)·onehot(y) + ε_t/K_t·[c ∈ A_t]``.
+    """
+    return torch.where(scale > 0, nll - scale * support_gap, nll)
 
 
 def shifted_coefficients(co: GradCoefficients, rs: RowStats) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,10 +3,11 @@
 Phase-1 producer. From the one ``token_stats`` pass (``smoothing_exclude = special_tokens``), with support
 ``A = [0, V) \\ X``, ``K = |A|`` and ``ε_t = ε`` where ``y ∉ X`` (0 where the target is special)::
 
-    "torch":   ℓ = nll − ε_t · (z̄_A − z_y)                 = (1−ε)·CE + ε·(lse − z̄_A)
-    "fairseq": ℓ = nll − ε_t · K·(z̄_A − z_y)/(K − 1)       (target gets 1−ε, every other id in A gets ε/(K−1))
+    "torch":   ℓ = nll − ε_t · g                 = (1−ε)·CE + ε·(lse − z̄_A)
+    "fairseq": ℓ = nll − ε_t · K·g/(K − 1)       (target gets 1−ε, every other id in A gets ε/(K−1))
 
-(spec/kernels.md §3.3: ``CE_ε = nll − ε_t·a/K_t`` with ``a = K·(z̄_A − z_y)``). With ``X = ∅`` "torch" equals
+with ``g = z̄_A − z_y`` the statistic ``support_gap`` (exact under a common logit offset), through the kernels'
+one closed form ``rowmath.smoothed_nll``. With ``X = ∅`` "torch" equals
 ``F.cross_entropy(logits, y, label_smoothing=ε, reduction="none")``. The dense target distribution is never built.
 
 With ``exclude_padding=True`` positions whose target is ``padding_token`` leave the validity mask ``m`` (§3.2); the
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from losskit.contract import ConfigError, check_finite_logits
+from losskit.kernels.rowmath import smoothed_nll
 from losskit.modifiers.base import BaseLossModifier, ModifierContext
 from losskit.modifiers.config_keys import short_settings
 from losskit.modifiers.pipeline import run_standalone
@@ -30,18 +32,17 @@ __all__ = ["TargetSmoothingModifier", "smoothed_token_loss"]
 
 def smoothed_token_loss(
     nll: torch.Tensor,
-    target_logit: torch.Tensor,
-    support_mean_logit: torch.Tensor,
+    support_gap: torch.Tensor,
     smooth: torch.Tensor,
     *,
     factor: float,
     num_support: int,
     convention: str = "torch",
 ) -> torch.Tensor:
-    """Closed-form smoothed CE per token from the statistics (spec/kernels.md §3.3).
+    """Closed-form smoothed CE per token from the statistics: ``nll − ε_t·(K/K_t)·support_gap``.
 
     Args:
-        nll, target_logit, support_mean_logit: ``TokenStats`` fields (any shape).
+        nll, support_gap: ``TokenStats`` fields (any shape).
         smooth: bool, positions that are smoothed (``ε_t = ε``); others keep hard CE.
         factor: ε in ``[0, 1)``.
         num_support: ``K = |A|``.
@@ -53,9 +54,9 @@ def smoothed_token_loss(
     if factor == 0:
         return nll
     scale = factor if convention == "torch" else factor * num_support / (num_support - 1)
-    gap = support_mean_logit - target_logit
-    # torch.where, not multiplication by ε_t: a −inf support mean at a hard-target row must not become NaN.
-    return torch.where(smooth, nll - scale * gap, nll)
+    zero = torch.zeros((), dtype=nll.dtype, device=nll.device)
+    return smoothed_nll(nll, support_gap, torch.where(smooth, torch.full((), scale, dtype=nll.dtype,
+                                                                         device=nll.device), zero))
 
 
 class TargetSmoothingModifier(BaseLossModifier):
@@ -72,7 +73,7 @@ class TargetSmoothingModifier(BaseLossModifier):
     token mean over ``m``, before weights), ``smoothing_factor``, ``valid_positions`` (N).
     """
 
-    needs = ("nll", "target_logit", "support_mean_logit")
+    needs = ("nll", "support_gap")
     requires_logits = True
     canonical_rank = 1
     PREFIX = "target_smoothing_"
@@ -153,7 +154,7 @@ class TargetSmoothingModifier(BaseLossModifier):
         assert ctx.num_classes is not None
         num_support = ctx.num_classes - len(self.special_tokens)
         ell = smoothed_token_loss(
-            stats.nll, stats.target_logit, stats.support_mean_logit, self.smoothed_rows(ctx),
+            stats.nll, stats.support_gap, self.smoothed_rows(ctx),
             factor=self.factor, num_support=num_support, convention=self.convention,
         )
         zero = torch.zeros((), dtype=ell.dtype, device=ell.device)
