@@ -16,3 +16,10 @@ if not torch.cuda.is_available():
 # is discarded; those warnings say nothing about the result.
 warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\..*")
 warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"numpy\..*")
+
+
+def pytest_configure(config):
+    # pytest runs each test under its own warning filters (the ini list), so the filters above cover import time
+    # only; the same two go into the per-test list here.
+    config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:triton\..*")
+    config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:numpy\..*")
