@@ -130,11 +130,25 @@ class CrossEntropyParts:
 class StepCounts:
     """Valid tokens and non-empty sequences of one optimizer step (all micro-batches, all ranks).
 
-    Both are 0-d int64 tensors, kept on the device so that no host sync is needed.
+    All are 0-d int64 tensors, kept on the device so that no host sync is needed.
+
+    Attributes:
+        tokens: positions the (modified) loss averages over.
+        sequences: sequences with at least one such position.
+        base_tokens: positions of the unmodified basis (``target != ignore_index`` and ``mask``), when a padding
+            token is excluded from ``tokens``; None when the two agree. Plain-CE metrics (``loss_raw``) use it,
+            so their numerator and denominator count the same positions.
     """
 
     tokens: torch.Tensor
     sequences: torch.Tensor
+    base_tokens: torch.Tensor | None = None
+
+    def base(self) -> StepCounts:
+        """The counts of the unmodified basis: ``tokens`` replaced by ``base_tokens`` (itself if None)."""
+        if self.base_tokens is None:
+            return self
+        return StepCounts(tokens=self.base_tokens, sequences=self.sequences)
 
 
 @dataclasses.dataclass(frozen=True)

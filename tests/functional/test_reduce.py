@@ -245,6 +245,19 @@ def test_step_counts_masks_ignore_index_and_padding_token():
     assert (int(sc.tokens), int(sc.sequences)) == (3, 2)
 
 
+def test_step_counts_base_tokens_count_the_positions_before_the_padding_exclusion():
+    a = torch.tensor([[1, 0, 0], [2, 2, 0]])
+    b = torch.tensor([[7, 0, -1], [0, 0, 0]])
+    masks = [torch.tensor([[True, True, False], [False, False, True]]), None]
+    # valid before padding: a keeps 1, 0 (row 0) and the last 0 (row 1); b keeps 7, 0 and its second row
+    for pad, want_tokens, want_base in ((0, 2, 3 + 5), (2, 3 + 5, 3 + 5), (7, 3 + 4, 3 + 5)):
+        sc = step_counts([a, b], ignore_index=-1, masks=masks, padding_token=pad)
+        assert (int(sc.tokens), int(sc.base_tokens)) == (want_tokens, want_base), pad
+        assert int(sc.base().tokens) == want_base and sc.base().base_tokens is None
+    plain = step_counts([a, b], ignore_index=-1, masks=masks)
+    assert plain.base_tokens is None and plain.base() is plain
+
+
 def test_step_counts_errors():
     with pytest.raises(LossInputError, match="micro_targets.*empty"):
         step_counts([])
@@ -271,8 +284,12 @@ def test_step_counts_all_reduces_once_when_distributed(monkeypatch):
     sc = step_counts([a, a])
     assert len(calls) == 1
     packed, op, group = calls[0]
-    assert packed.tolist() == [6, 4] and op == dist.ReduceOp.SUM and group is None
-    assert (int(sc.tokens), int(sc.sequences)) == (18, 12)
+    # [tokens, sequences, base tokens] in one all-reduce
+    assert packed.tolist() == [6, 4, 6] and op == dist.ReduceOp.SUM and group is None
+    assert (int(sc.tokens), int(sc.sequences)) == (18, 12) and sc.base_tokens is None
+    sc = step_counts([a, a], padding_token=3)
+    assert calls[-1][0].tolist() == [4, 4, 6] and (int(sc.tokens), int(sc.base_tokens)) == (12, 18)
+    del calls[1:]
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     marker = object()
     step_counts([a], group=marker)  # an explicit group all-reduces even without a default group

@@ -627,6 +627,42 @@ def test_global_tokens_shares_sum_to_the_whole_batch():
     torch.testing.assert_close(shares, whole, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("extra", [{}, ENT, MR, {**ENT, **MR, "entropy_modifier_per_sample": True}])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_loss_raw_is_plain_cross_entropy_over_its_own_positions_in_every_normaliser(pad, extra, with_mask):
+    """loss_raw keeps the unmodified basis (ignore_index and mask, padding kept): under global_tokens its
+    step count is that basis's too, so the micro-batch shares sum to the plain CE of the whole step."""
+    g = torch.Generator().manual_seed(pad + 7 * len(extra))
+    logits = torch.randn(5, 6, 11, generator=g, dtype=F64)
+    targets = torch.randint(0, 11, (5, 6), generator=g)
+    targets[:, 4:] = pad  # trailing padding
+    targets[1, 0] = -100
+    mask = torch.rand(5, 6, generator=g) > 0.2 if with_mask else None
+    keep = (targets != -100) if mask is None else (targets != -100) & mask
+    ref = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    cfg = dict(**SMO, target_smoothing_padding_token=pad, **extra)
+    parts = [slice(0, 2), slice(2, 3), slice(3, 5)]
+
+    def m(s):
+        return None if mask is None else mask[s]
+
+    sc = make_step_counts([targets[s] for s in parts], masks=[m(s) for s in parts], padding_token=pad)
+    pipe = pipe_of(cfg)
+    shares = sum(pipe.compute(logits[s], targets[s], mask=m(s), step_counts=sc).loss_raw for s in parts)
+    torch.testing.assert_close(shares, ref, rtol=1e-12, atol=0)
+    # "tokens": each call's loss_raw is the plain CE of that call
+    for s in parts:
+        k = keep[s]
+        local = pipe.compute(logits[s], targets[s], mask=m(s)).loss_raw
+        torch.testing.assert_close(local, torch.nn.functional.cross_entropy(logits[s][k], targets[s][k]),
+                                   rtol=1e-12, atol=0)
+    # and the modifier-free pipeline's loss over the same step is that same plain CE
+    sc_plain = make_step_counts([targets[s] for s in parts], masks=[m(s) for s in parts])
+    plain = sum(pipe_of().compute(logits[s], targets[s], mask=m(s), step_counts=sc_plain).loss for s in parts)
+    torch.testing.assert_close(plain, ref, rtol=1e-12, atol=0)
+
+
 def test_duplicate_names_and_metric_keys():
     logits, targets = mask_ratio_example()
     a, b, c = (CustomModifier({"enabled": True, "custom_param": 1.0}) for _ in range(3))

@@ -265,9 +265,10 @@ def step_counts(
 
     A position is valid where ``target != ignore_index``, ``mask`` is True and (if given)
     ``target != padding_token``. A sequence is a row of a ``(B, T)`` target; ``(N,)`` targets count each
-    position as its own sequence. Under torch.distributed (``group`` given, or the default group
-    initialised) the packed vector ``[tokens, sequences]`` is summed with one ``all_reduce(SUM)``. No host
-    sync: the counts stay on the device (spec/modifiers.md §1.6, §3.11).
+    position as its own sequence. With a ``padding_token``, ``base_tokens`` also counts the positions before
+    its exclusion (the basis of plain-CE metrics such as the pipeline's ``loss_raw``). Under
+    torch.distributed (``group`` given, or the default group initialised) the packed counts are summed with
+    one ``all_reduce(SUM)``. No host sync: the counts stay on the device (spec/modifiers.md §1.6, §3.11).
 
     Args:
         micro_targets: the targets of every micro-batch of the step (one tensor, or a sequence of them).
@@ -277,7 +278,8 @@ def step_counts(
         group: process group for the all-reduce (default: the default group, when initialised).
 
     Returns:
-        ``StepCounts(tokens, sequences)``, 0-d int64 tensors on the targets' device.
+        ``StepCounts(tokens, sequences, base_tokens)``, 0-d int64 tensors on the targets' device
+        (``base_tokens`` None without a padding token).
     """
     if isinstance(micro_targets, torch.Tensor):
         micro_targets = [micro_targets]
@@ -296,7 +298,7 @@ def step_counts(
     if padding_token is not None:
         padding_token = operator.index(padding_token)
     device = micro_targets[0].device if isinstance(micro_targets[0], torch.Tensor) else None
-    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # tokens, sequences, base tokens
     for k, (target, mask) in enumerate(zip(micro_targets, masks, strict=True)):
         if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
             got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
@@ -314,17 +316,17 @@ def step_counts(
             raise LossInputError(
                 f"masks[{k}] must be a bool tensor of shape {tuple(target.shape)}, got {got}"
             )
-        valid = validity_mask(target, ignore_index=ignore_index, mask=mask)
-        if padding_token is not None:
-            valid = valid & (target != padding_token)
+        base = validity_mask(target, ignore_index=ignore_index, mask=mask)
+        valid = base if padding_token is None else base & (target != padding_token)
         rows = valid if valid.dim() == 2 else valid[:, None]
-        counts = counts + torch.stack([rows.sum(), rows.any(-1).sum()]).to(device=counts.device)
+        counts = counts + torch.stack([rows.sum(), rows.any(-1).sum(), base.sum()]).to(device=counts.device)
     if group is not None or _dist_initialized():
         import torch.distributed as dist
 
         kwargs = {} if group is None else {"group": group}
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, **kwargs)
-    return StepCounts(tokens=counts[0], sequences=counts[1])
+    return StepCounts(tokens=counts[0], sequences=counts[1],
+                      base_tokens=None if padding_token is None else counts[2])
 
 
 def _dist_initialized() -> bool:

@@ -334,8 +334,10 @@ class LossModifierPipeline:
         # phases 2 and 3: weights, then the one reduction
         loss, _ = self._phases_2_3(mods, ctx, normalize)
         with torch.no_grad():
+            # plain CE over the unmodified basis, with the step's count of that basis (not of the padding-
+            # excluded positions the modified loss averages over)
             loss_raw = reduce.masked_mean(stats.nll.detach(), base_valid, normalize=normalize,
-                                          step_counts=step_counts)
+                                          step_counts=None if step_counts is None else step_counts.base())
             bad = stats.bad
             for m in mods:
                 rows = getattr(m, "bad_rows", None)
