@@ -327,12 +327,15 @@ def _token_grad_kernel(
     log1m = tl.load(const_ptr + C_LOG1M * n + r, mask=valid, other=0.0)
     h = tl.load(const_ptr + C_H * n + r, mask=valid, other=0.0)
     hq = tl.load(const_ptr + C_HQ * n + r, mask=valid, other=0.0)
+    # A degenerate row (every non-target logit −∞: d = 0, so 1/d = 0) has ln(1 − p_y) = −∞ and H = H(q) = 0
+    # whatever z_y is: those terms contribute exactly 0 there (no 0·∞), so its gradient stays finite.
+    has_wrong = inv_d != 0.0
     g_lin = g_lse + g_nll
     alpha = om * g_lin
     g_target = g_lse + g_zy - g_lin * om
     beta = tl.zeros([ROWS], tl.float32)
     if HAS_H:
-        alpha = alpha - g_h * om * (h + log1m)
+        alpha = alpha - tl.where(has_wrong, g_h * om * (h + log1m), 0.0)
         beta = beta - g_h * om
         g_target = g_target + g_h * p_y * (nll - h)
     if HAS_HQ:
@@ -340,7 +343,7 @@ def _token_grad_kernel(
         beta = beta - g_hq
     if HAS_L1M:
         alpha = alpha + g_l1m * p_y
-        g_target = g_target - g_l1m * p_y
+        g_target = g_target - tl.where(has_wrong, g_l1m * p_y, 0.0)
     gamma = tl.where(K > 0.0, g_mean / tl.where(K > 0.0, K, 1.0), 0.0)
     if HAS_GAMMA:
         if HAS_EXCL:
