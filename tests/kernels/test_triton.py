@@ -25,10 +25,11 @@ import triton
 import triton.language as tl
 
 from losskit import kernels
-from losskit.contract import LossInputError, TokenStats
+from losskit.contract import FusedLoss, LossInputError, TokenStats
 from losskit.kernels import chunked
 from losskit.kernels.prepare import prepare, prepare_smoothing
 from losskit.kernels.triton import (
+    FusedOptions,
     FusedTokenLossFunction,
     LaunchConfig,
     TokenStatsFunction,
@@ -95,9 +96,10 @@ def triton_fused(x, t, o, cfg, *, weight=None, normalizer=None, reduction="sum",
     sm = prepare_smoothing(prep, o.get("eps", 0.0), o.get("conv", "torch"), o.get("hard"), x.device)
     lam = o.get("lam", 0.0)
     if eager:
-        out = FusedTokenLossFunction.apply(x, weight, prep, cfg, sm, lam, normalizer, grad_scale, inplace)
+        opts = FusedOptions(prep, sm, lam, grad_scale, inplace, cfg)
+        out = FusedTokenLossFunction.apply(x, weight, normalizer, opts)
         f = StatFields(*out[2:])
-        return kernels.FusedLoss(out[0], out[1].reshape(prep.lead_shape), _wrap(f, prep, _smoothing_bad(f, prep, sm)))
+        return FusedLoss(out[0], out[1].reshape(prep.lead_shape), _wrap(f, prep, _smoothing_bad(f, prep, sm)))
     f = StatFields(*TokenStatsFunction.apply(x, prep, cfg, inplace))
     per_token = chunked.fused_token_terms(f, sm, lam)
     zero = torch.zeros((), device=x.device)
@@ -108,7 +110,7 @@ def triton_fused(x, t, o, cfg, *, weight=None, normalizer=None, reduction="sum",
     else:
         loss = rows.sum() if normalizer is None else rows.sum() / normalizer.float()
     stats = _wrap(f, prep, _smoothing_bad(f, prep, sm))
-    return kernels.FusedLoss(loss, per_token.detach().reshape(prep.lead_shape), stats)
+    return FusedLoss(loss, per_token.detach().reshape(prep.lead_shape), stats)
 
 
 def torch_fused(x, t, o, *, weight=None, normalizer=None, reduction="sum"):

@@ -4,8 +4,8 @@ Imported only when the Triton path is chosen (it imports ``triton``; an ``Import
 dispatch fall back to ``chunked``). Entry points, drop-in siblings of ``chunked``'s:
 
 * ``TokenStatsFunction.apply(logits, prep, config, inplace)`` (deferred mode) and
-  ``FusedTokenLossFunction.apply(logits, token_weight, prep, config, sm, z_loss, normalizer, grad_scale, inplace)``
-  (eager mode), with ``config`` a ``LaunchConfig`` or None (the built-in table);
+  ``FusedTokenLossFunction.apply(logits, token_weight, normalizer, FusedOptions(prep, smoothing, z_loss,
+  grad_scale, inplace, config))`` (eager mode), with ``config`` a ``LaunchConfig`` or None (the built-in table);
 * the launchers ``token_stats_fwd`` / ``token_stats_bwd`` / ``fused_loss_fwd`` / ``fused_loss_bwd``;
 * ``exclusion_bitmask`` (cached per ids, V, device) and ``default_config`` (the configuration table).
 
@@ -14,6 +14,7 @@ that is for tests only.
 """
 
 from losskit.kernels.triton.cross_entropy import (
+    FusedOptions,
     FusedTokenLossFunction,
     TokenStatsFunction,
     fused_loss_bwd,
@@ -25,6 +26,7 @@ from losskit.kernels.triton.cross_entropy import (
 from losskit.kernels.triton.launch import LaunchConfig, default_config, exclusion_bitmask
 
 __all__ = [
+    "FusedOptions",
     "FusedTokenLossFunction",
     "LaunchConfig",
     "TokenStatsFunction",

@@ -22,6 +22,8 @@ logits' storage and their version counter is bumped. Nothing here reads a tensor
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from losskit.contract import LossInputError
@@ -31,6 +33,7 @@ from losskit.kernels.triton import ops
 from losskit.kernels.triton.launch import LaunchConfig, check_logits, default_config, exclusion_bitmask
 
 __all__ = [
+    "FusedOptions",
     "FusedTokenLossFunction",
     "LaunchConfig",
     "TokenStatsFunction",
@@ -102,8 +105,8 @@ def token_stats_bwd(
 ) -> torch.Tensor:
     """The one-pass backward (``_token_grad_kernel``) of §3.5 for upstream ``grads`` of the 8 float StatFields.
 
-    ``grads`` follow ``StatFields.FLOATS`` order (lse, target_logit, nll, log1m_target_prob, support_mean_logit,
-    entropy, wrong_entropy, a_over_k); each is None (unused: its term is compiled out) or ``(n,)``-shaped, any
+    ``grads`` follow the float fields' order (lse, target_logit, nll, log1m_target_prob, support_mean_logit,
+    entropy, wrong_entropy, support_gap); each is None (unused: its term is compiled out) or ``(n,)``-shaped, any
     float dtype and stride (a broadcast scalar stays stride 0). Returns G: a new tensor shaped like ``logits``, or
     ``logits`` itself with ``inplace`` (its version counter bumped).
     """
@@ -168,6 +171,11 @@ def fused_loss_bwd(
     return grad
 
 
+def _outputs(f: StatFields) -> tuple[torch.Tensor, ...]:
+    """The fields in declaration order: 8 floats (``TokenStats.FLOAT_FIELDS``), argmax, correct, bad."""
+    return tuple(getattr(f, fld.name) for fld in dataclasses.fields(f))
+
+
 def _check_once_differentiable() -> None:
     if torch.is_grad_enabled():
         raise LossInputError(_DOUBLE_BACKWARD_MESSAGE)
@@ -176,8 +184,8 @@ def _check_once_differentiable() -> None:
 class TokenStatsFunction(torch.autograd.Function):
     """Deferred mode (§4.1): the forward streams the statistics and saves row constants; the backward is one pass.
 
-    ``apply(logits, prep, config, inplace)``; outputs: the 7 float fields of ``TokenStats`` plus the private
-    ``a/K`` (``StatFields.FLOATS`` order), then argmax, correct, bad (non-differentiable).
+    ``apply(logits, prep, config, inplace)``; outputs: the float fields of ``TokenStats`` (``FLOAT_FIELDS`` order,
+    the last being ``support_gap = a/K``), then argmax, correct, bad (non-differentiable).
     """
 
     @staticmethod
@@ -188,7 +196,7 @@ class TokenStatsFunction(torch.autograd.Function):
         ctx.prep, ctx.cfg, ctx.inplace = prep, cfg, inplace
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(f.argmax, f.correct, f.bad)
-        return tuple(getattr(f, k) for k in StatFields.FLOATS) + (f.argmax, f.correct, f.bad)
+        return _outputs(f)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -200,24 +208,41 @@ class TokenStatsFunction(torch.autograd.Function):
         return g, None, None, None
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedOptions:
+    """The non-tensor inputs of ``FusedTokenLossFunction`` (the fields of ``chunked.FusedOptions`` with a
+    ``LaunchConfig`` in place of the chunk plan; any object with these attributes works, a missing ``config``
+    meaning the table's entry): the call's rows, smoothing, λ, the upstream gradient G is computed for (float or
+    0-d device tensor) and whether G goes into the logits."""
+
+    prep: Prepared
+    smoothing: Smoothing
+    z_loss: float
+    grad_scale: float | torch.Tensor
+    inplace: bool
+    config: LaunchConfig | None = None
+
+
 class FusedTokenLossFunction(torch.autograd.Function):
     """Eager mode (§4.1): G for an upstream of ``grad_scale`` is written in the forward.
 
-    ``apply(logits, token_weight, prep, config, sm, z_loss, normalizer, grad_scale, inplace)``; outputs: loss,
-    token_loss, then the ``StatFields`` in order (all but the loss non-differentiable). Backward rescales G on the
-    device when the upstream differs from ``grad_scale`` (no host read); a second backward (``retain_graph``) raises.
-    A ``token_weight`` that requires grad gets ``upstream·token_loss·v_t/normalizer``.
+    ``apply(logits, token_weight, normalizer, options)`` with ``options`` a ``FusedOptions`` (or
+    ``chunked.FusedOptions``); outputs: loss, token_loss, then the ``StatFields`` in order (all but the loss
+    non-differentiable). Backward rescales G on the device when the upstream differs from ``grad_scale`` (no host
+    read); a second backward (``retain_graph``) raises. A ``token_weight`` that requires grad gets
+    ``upstream·token_loss·v_t/normalizer``.
     """
 
     @staticmethod
-    def forward(ctx, logits, token_weight, prep: Prepared, config, sm: Smoothing, z_loss: float, normalizer,
-                grad_scale, inplace: bool):
-        cfg = resolve_config(config, logits)
+    def forward(ctx, logits, token_weight, normalizer, opts):
+        cfg = resolve_config(getattr(opts, "config", None), logits)
+        prep = opts.prep
         grad, loss, token_loss, f = fused_loss_fwd(
-            logits, token_weight, prep, sm, z_loss, normalizer, grad_scale, inplace=inplace, config=cfg
+            logits, token_weight, prep, opts.smoothing, opts.z_loss, normalizer, opts.grad_scale,
+            inplace=opts.inplace, config=cfg,
         )
         ctx.grad = grad
-        ctx.grad_scale = grad_scale
+        ctx.grad_scale = opts.grad_scale
         ctx.cfg = cfg
         ctx.has_weight_grad = token_weight is not None and ctx.needs_input_grad[1]
         if ctx.has_weight_grad:
@@ -225,9 +250,9 @@ class FusedTokenLossFunction(torch.autograd.Function):
             ctx.valid = prep.valid
             ctx.normalizer = normalizer
             ctx.weight_meta = (token_weight.shape, token_weight.dtype)
-        outs = (token_loss,) + tuple(getattr(f, k) for k in StatFields.FLOATS) + (f.argmax, f.correct, f.bad)
+        outs = (token_loss, *_outputs(f))
         ctx.mark_non_differentiable(*outs)
-        return (loss,) + outs
+        return (loss, *outs)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
@@ -237,7 +262,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
             raise LossInputError(_SECOND_EAGER_BACKWARD_MESSAGE)
         ctx.grad = None
         if g_loss is None:
-            return (None,) * 9
+            return None, None, None, None
         if ctx.needs_input_grad[0]:
             fused_loss_bwd(grad, g_loss, ctx.grad_scale, ctx.cfg)
         g_w = None
@@ -247,4 +272,4 @@ class FusedTokenLossFunction(torch.autograd.Function):
             if ctx.normalizer is not None:
                 g_w = g_w / ctx.normalizer.to(g_w.dtype)
             g_w = g_w.reshape(ctx.weight_meta[0]).to(ctx.weight_meta[1])
-        return (grad if ctx.needs_input_grad[0] else None), g_w, None, None, None, None, None, None, None
+        return (grad if ctx.needs_input_grad[0] else None), g_w, None, None

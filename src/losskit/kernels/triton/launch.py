@@ -170,7 +170,7 @@ def launch_token_grad(
     """``_token_grad_kernel``: G into ``out`` (shaped like ``logits``; may be ``logits`` itself).
 
     ``grads`` are the upstream gradients of (lse, target_logit, nll, log1m_target_prob, support_mean_logit,
-    entropy, wrong_entropy, a_over_k), each ``(n,)`` of any float dtype and stride (a broadcast scalar has stride
+    entropy, wrong_entropy, support_gap), each ``(n,)`` of any float dtype and stride (a broadcast scalar has stride
     0), or None when the field is unused.
     """
     v = logits.shape[-1]
