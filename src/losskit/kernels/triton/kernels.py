@@ -96,17 +96,20 @@ def _not_excluded(excl_ptr, c, cmask, HAS_EXCL: tl.constexpr):
 @triton.jit
 def _sweep(x_ptr, xoff, live, y, zy, V, excl_ptr, BLOCK_V: tl.constexpr, ROWS: tl.constexpr,
            HAS_EXCL: tl.constexpr):
-    """Pass 1 over ``ROWS`` rows: the merged streaming state ``(m, d, s, a, argmax value, argmax index)``.
+    """Pass 1 over ``ROWS`` rows: the merged state ``(m, d, s, a, Σ_A z, argmax value, argmax index)``.
 
     ``m`` is the max over non-target columns (``NEG_LARGE`` when none is finite), ``d = Σ e^{z−m}``,
     ``s = Σ e^{z−m}(z−m)`` (non-target, clamped), ``a = Σ_{i∈A, i≠y} (z_i − z_y)`` on the raw logits (−∞ in the
-    support gives −∞); the argmax candidate is the best non-target column (lowest index on ties, NaN first).
+    support gives −∞), ``Σ_A z`` the plain support sum (the support mean needs it: ``z_y + a/K`` cancels when
+    ``z_y`` is far from the mean, ``a/K`` itself stays exact under a common offset); the argmax candidate is the
+    best non-target column (lowest index on ties, NaN first).
     """
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([ROWS], NEG_LARGE, tl.float32)
     d = tl.zeros([ROWS, BLOCK_V], tl.float32)
     s = tl.zeros([ROWS, BLOCK_V], tl.float32)
     a = tl.zeros([ROWS, BLOCK_V], tl.float32)
+    sz = tl.zeros([ROWS, BLOCK_V], tl.float32)
     bv = tl.full([ROWS, BLOCK_V], float("-inf"), tl.float32)
     bi = tl.full([ROWS, BLOCK_V], _BIG_INDEX, tl.int32)
     y2 = y[:, None]
@@ -128,8 +131,9 @@ def _sweep(x_ptr, xoff, live, y, zy, V, excl_ptr, BLOCK_V: tl.constexpr, ROWS: t
         s = r * (s + dm * d) + e * u
         d = r * d + e
         m = m_new
-        in_a = _not_excluded(excl_ptr, c, cmask, HAS_EXCL)
-        a += tl.where(in_a[None, :] & ld & ~is_y, z - zy2, 0.0)
+        in_a = _not_excluded(excl_ptr, c, cmask, HAS_EXCL)[None, :] & ld
+        a += tl.where(in_a & ~is_y, z - zy2, 0.0)
+        sz += tl.where(in_a, z, 0.0)
         cand = tl.where(is_y | ~ld, float("-inf"), zc)
         take = (cand > bv) | (_is_nan(cand) & ~_is_nan(bv))
         bv = tl.where(take, cand, bv)
@@ -137,6 +141,7 @@ def _sweep(x_ptr, xoff, live, y, zy, V, excl_ptr, BLOCK_V: tl.constexpr, ROWS: t
     d_row = tl.sum(d, axis=1)
     s_row = tl.sum(s, axis=1)
     a_row = tl.sum(a, axis=1)
+    sz_row = tl.sum(sz, axis=1)
     lane_nan = _is_nan(bv)
     has_nan = tl.max(lane_nan.to(tl.int32), axis=1) > 0
     vmax = tl.max(tl.where(lane_nan, float("-inf"), bv), axis=1)
@@ -144,11 +149,11 @@ def _sweep(x_ptr, xoff, live, y, zy, V, excl_ptr, BLOCK_V: tl.constexpr, ROWS: t
     idx_nan = tl.min(tl.where(lane_nan, bi, _BIG_INDEX), axis=1)
     amax_val = tl.where(has_nan, float("nan"), vmax)
     amax_idx = tl.where(has_nan, idx_nan, idx_max)
-    return m, d_row, s_row, a_row, amax_val, amax_idx
+    return m, d_row, s_row, a_row, sz_row, amax_val, amax_idx
 
 
 @triton.jit
-def _finalize(m, d, s, a, amax_val, amax_idx, zy, y, K):
+def _finalize(m, d, s, a, sz, amax_val, amax_idx, zy, y, K):
     """Closed forms of §3.2 (as ``rowmath.finalize``), without cancellation.
 
     ``δ = (z_y − m) − ln d`` (never a difference of two large rounded sums), ``sp± = softplus(±δ)``,
@@ -163,25 +168,27 @@ def _finalize(m, d, s, a, amax_val, amax_idx, zy, y, K):
     inv_d = tl.where(has_wrong, 1.0 / d_safe, 0.0)
     rel_y = zy - shift
     ln_d = tl.where(has_wrong, log_d, float("-inf"))
-    delta = rel_y - ln_d
+    delta = tl.where(has_wrong, rel_y - ln_d, float("inf"))  # d = 0: p_y = 1 whatever z_y is (even −∞)
     sp_pos = _softplus(delta)
     sp_neg = _softplus(-delta)
-    lse = shift + tl.maximum(ln_d, rel_y) + _log1p(tl.exp(-tl.abs(delta)))
+    lse = tl.where(has_wrong, shift + tl.maximum(ln_d, rel_y) + _log1p(tl.exp(-tl.abs(delta))), zy)
     p_y = _exp_row(-sp_neg)
     om = _exp_row(-sp_pos)
     hq = tl.where(has_wrong, log_d - s * inv_d, 0.0)
     h = p_y * sp_neg + tl.where(om > 0.0, om * (sp_pos + hq), 0.0)
-    a_over_k = tl.where(K > 0.0, a / tl.where(K > 0.0, K, 1.0), 0.0)
+    k_safe = tl.where(K > 0.0, K, 1.0)
+    a_over_k = tl.where(K > 0.0, a / k_safe, 0.0)
+    mean = tl.where(K > 0.0, sz / k_safe, zy)
     zy_c = tl.where(zy < NEG_LARGE, NEG_LARGE, zy)
     y32 = y.to(tl.int32)
     y_wins = (zy_c > amax_val) | ((zy_c == amax_val) & (y32 < amax_idx))
     y_wins = y_wins | (_is_nan(zy) & (~_is_nan(amax_val) | (y32 < amax_idx)))
     argmax = tl.where(y_wins, y32, amax_idx)
-    return lse, sp_neg, -sp_pos, a_over_k, h, hq, argmax, shift, log_d, inv_d, p_y, om
+    return lse, sp_neg, -sp_pos, a_over_k, mean, h, hq, argmax, shift, log_d, inv_d, p_y, om
 
 
 @triton.jit
-def _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, h, hq, argmax, y,
+def _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, mean, h, hq, argmax, y,
                   lse_ptr, zy_ptr, nll_ptr, l1m_ptr, mean_ptr, h_ptr, hq_ptr, ak_ptr, amax_ptr, correct_ptr,
                   bad_ptr):
     """Masked outputs (as ``chunked.masked_fields``): 0 at invalid rows, NaN at out-of-range targets; argmax −1 at
@@ -191,7 +198,7 @@ def _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, h, hq, ar
     tl.store(zy_ptr + r, tl.where(oob, nan, tl.where(valid, zy, 0.0)), mask=rmask)
     tl.store(nll_ptr + r, tl.where(oob, nan, tl.where(valid, nll, 0.0)), mask=rmask)
     tl.store(l1m_ptr + r, tl.where(oob, nan, tl.where(valid, log1m, 0.0)), mask=rmask)
-    tl.store(mean_ptr + r, tl.where(oob, nan, tl.where(valid, zy + a_over_k, 0.0)), mask=rmask)
+    tl.store(mean_ptr + r, tl.where(oob, nan, tl.where(valid, mean, 0.0)), mask=rmask)
     tl.store(h_ptr + r, tl.where(oob, nan, tl.where(valid, h, 0.0)), mask=rmask)
     tl.store(hq_ptr + r, tl.where(oob, nan, tl.where(valid, hq, 0.0)), mask=rmask)
     tl.store(ak_ptr + r, tl.where(oob, nan, tl.where(valid, a_over_k, 0.0)), mask=rmask)
@@ -226,9 +233,10 @@ def _token_stats_kernel(
     ``const[k, r]`` (k = ``C_SHIFT`` … ``C_HQ``; 0 at invalid rows)."""
     pid = tl.program_id(0)
     r, rmask, valid, oob, y, xoff, zy = _load_rows(tgt_ptr, valid_ptr, oob_ptr, x_ptr, pid, n, T, sB, sT, ROWS)
-    m, d, s, a, av, ai = _sweep(x_ptr, xoff, valid, y, zy, V, excl_ptr, BLOCK_V, ROWS, HAS_EXCL)
-    lse, nll, log1m, a_over_k, h, hq, argmax, shift, log_d, inv_d, p_y, om = _finalize(m, d, s, a, av, ai, zy, y, K)
-    _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, h, hq, argmax, y,
+    m, d, s, a, sz, av, ai = _sweep(x_ptr, xoff, valid, y, zy, V, excl_ptr, BLOCK_V, ROWS, HAS_EXCL)
+    lse, nll, log1m, a_over_k, mean, h, hq, argmax, shift, log_d, inv_d, p_y, om = _finalize(
+        m, d, s, a, sz, av, ai, zy, y, K)
+    _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, mean, h, hq, argmax, y,
                   lse_ptr, zy_ptr, nll_ptr, l1m_ptr, mean_ptr, h_ptr, hq_ptr, ak_ptr, amax_ptr, correct_ptr,
                   bad_ptr)
     if WRITE_CONSTS:
@@ -377,9 +385,10 @@ def _fused_loss_kernel(
     """
     pid = tl.program_id(0)
     r, rmask, valid, oob, y, xoff, zy = _load_rows(tgt_ptr, valid_ptr, oob_ptr, x_ptr, pid, n, T, sB, sT, ROWS)
-    m, d, s, a, av, ai = _sweep(x_ptr, xoff, valid, y, zy, V, excl_ptr, BLOCK_V, ROWS, HAS_EXCL)
-    lse, nll, log1m, a_over_k, h, hq, argmax, shift, _, inv_d, p_y, om = _finalize(m, d, s, a, av, ai, zy, y, K)
-    _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, h, hq, argmax, y,
+    m, d, s, a, sz, av, ai = _sweep(x_ptr, xoff, valid, y, zy, V, excl_ptr, BLOCK_V, ROWS, HAS_EXCL)
+    lse, nll, log1m, a_over_k, mean, h, hq, argmax, shift, _, inv_d, p_y, om = _finalize(
+        m, d, s, a, sz, av, ai, zy, y, K)
+    _store_fields(r, rmask, valid, oob, zy, lse, nll, log1m, a_over_k, mean, h, hq, argmax, y,
                   lse_ptr, zy_ptr, nll_ptr, l1m_ptr, mean_ptr, h_ptr, hq_ptr, ak_ptr, amax_ptr, correct_ptr,
                   bad_ptr)
     # Per-token loss from the masked statistics (0 at invalid rows, NaN at out-of-range targets).
