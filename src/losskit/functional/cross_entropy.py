@@ -42,7 +42,7 @@ from losskit.contract import (
     check_target_range,
     validity_mask,
 )
-from losskit.functional.reduce import masked_mean, masked_sum, warn_empty
+from losskit.functional.reduce import check_once, masked_mean, masked_sum
 
 __all__ = [
     "check_label_smoothing",
@@ -246,13 +246,11 @@ def _reduce_tokens(
 
 def _check_values(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, support: torch.Tensor | None
-) -> int:
-    """Validate target range and finiteness on valid rows; return the number of valid positions.
-
-    All conditions and the count are packed into one small tensor and read with a single host transfer.
-    Only when something is wrong are the detailed contract checks run, to build their messages.
-    ``support`` is the smoothing support when ``label_smoothing > 0`` (``-inf`` inside it is then an error),
-    else None.
+) -> None:
+    """Validate target range and finiteness on valid rows, and warn on an empty batch: one host read
+    (``reduce.check_once``); the detailed contract checks run only when something is wrong, to build their
+    messages. ``support`` is the smoothing support when ``label_smoothing > 0`` (``-inf`` inside it is then an
+    error), else None.
     """
     num_classes = logits.shape[-1]
     rows = logits.reshape(-1, num_classes)
@@ -264,12 +262,11 @@ def _check_values(
     bad = bad | (rows.gather(1, tflat.clamp(0, num_classes - 1)[:, None]).squeeze(1) == _NEG_INF)
     if support is not None:
         bad = bad | ((rows == _NEG_INF) & support[None, :]).any(dim=1)
-    bad_any, num_valid = torch.stack([(bad & vflat).any().long(), vflat.sum()]).tolist()
-    if bad_any:
+    def explain() -> None:
         check_target_range(target, valid, num_classes)
         check_finite_logits(logits, target, valid, smoothing_support=support)
-        raise LossInputError("logits/target: invalid values at valid positions")  # unreachable in practice
-    return num_valid
+
+    check_once((bad & vflat).any(), vflat.sum(), explain, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -360,8 +357,7 @@ def cross_entropy(
 
     valid = validity_mask(target, ignore_index=ignore_index, mask=mask)
     support = smoothing_support(excluded, num_classes, device=logits.device) if eps > 0 else None
-    num_valid = _check_values(logits, target, valid, support)
-    warn_empty(num_valid, stacklevel=2)
+    _check_values(logits, target, valid, support)
 
     z = _valid_rows(logits, valid)
     tc = _clamped_target(target, valid, num_classes)

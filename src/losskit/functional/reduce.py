@@ -20,7 +20,7 @@ from __future__ import annotations
 import numbers
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from losskit.contract import (
 )
 
 __all__ = [
+    "check_once",
     "masked_mean",
     "masked_sum",
     "normalizer",
@@ -344,3 +345,32 @@ def warn_empty(num_valid: int, *, stacklevel: int = 2) -> None:
     count = int(num_valid) if isinstance(num_valid, torch.Tensor) else operator.index(num_valid)
     if count == 0:
         warnings.warn(EmptyBatchWarning(EMPTY_BATCH_MESSAGE), stacklevel=stacklevel + 1)
+
+
+def check_once(
+    bad: torch.Tensor,
+    num_valid: torch.Tensor,
+    explain: Callable[[], None],
+    *extra: torch.Tensor,
+    stacklevel: int = 2,
+) -> list[float]:
+    """The one host read of an eagerly checked call: ``bad``, the valid count and ``extra`` in one transfer.
+
+    ``bad`` (0-d bool: some valid row holds bad input) calls ``explain``, which runs the detailed value checks
+    (``contract.check_target_range`` / ``check_finite_logits``, themselves reading only now that something is
+    wrong) and raises their ``LossInputError``; if it finds nothing to name, a generic ``LossInputError`` is
+    raised. A zero ``num_valid`` warns ``EmptyBatchWarning``. Returns the values of ``extra`` (as floats) for
+    the caller's own checks. Every eager check of losskit (functional calls, ``kernels.cross_entropy``, the
+    modifier pipeline) goes through here, so each costs exactly one sync. ``stacklevel`` counts as for
+    ``warnings.warn`` from the caller of ``check_once`` (1: that caller).
+    """
+    values = torch.stack(
+        [bad.detach().to(torch.float64).reshape(()), num_valid.detach().to(torch.float64).reshape(())]
+        + [e.detach().to(torch.float64).reshape(()) for e in extra]
+    ).tolist()
+    if values[0]:
+        explain()
+        raise LossInputError("logits/target: non-finite statistics (NaN/inf) at valid positions; expected finite "
+                             "logits and targets in [0, V)")
+    warn_empty(int(values[1]), stacklevel=stacklevel + 1)
+    return values[2:]

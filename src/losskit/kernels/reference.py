@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from losskit.functional.cross_entropy import entropy, wrong_answer_entropy
-from losskit.kernels.chunked import StatFields, masked_fields
+from losskit.kernels.fields import StatFields
 from losskit.kernels.prepare import Prepared, Smoothing
 
 _NEG_INF = float("-inf")
@@ -58,7 +58,7 @@ def _shift(z: torch.Tensor) -> torch.Tensor:
 
 
 def _mask(x: torch.Tensor, prep: Prepared) -> torch.Tensor:
-    """0 at invalid rows, NaN at out-of-range targets (as ``chunked.masked_fields`` masks the statistics)."""
+    """0 at invalid rows, NaN at valid rows with an out-of-range target."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
     return torch.where(prep.out_of_range, nan, torch.where(prep.valid, x, zero))
@@ -99,17 +99,21 @@ def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torc
     h = entropy(z)
     # wrong_answer_entropy gives NaN at out-of-range targets itself; it needs the unclamped target for that.
     hq = wrong_answer_entropy(z, prep.target, ignore_index=None)
-    fields = masked_fields(
-        prep,
-        torch.argmax(logits.reshape(-1, logits.shape[-1]), dim=-1),
-        lse=lse + shift,
-        target_logit=target_logit,
-        nll=nll,
-        log1m_target_prob=log1m,
-        support_mean_logit=support_mean,
-        entropy=h,
-        wrong_entropy=hq,
-        support_gap=gap,
+    lse = lse + shift
+    argmax = torch.argmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    argmax = torch.where(prep.valid, argmax, torch.full_like(argmax, -1))
+    fields = StatFields(
+        lse=_mask(lse, prep),
+        target_logit=_mask(target_logit, prep),
+        nll=_mask(nll, prep),
+        log1m_target_prob=_mask(log1m, prep),
+        support_mean_logit=_mask(support_mean, prep),
+        entropy=_mask(h, prep),
+        wrong_entropy=_mask(hq, prep),
+        support_gap=_mask(gap, prep),
+        argmax=argmax,
+        correct=prep.valid & ~prep.out_of_range & (argmax == prep.target),
+        bad=prep.valid & (prep.out_of_range | ~torch.isfinite(lse) | ~torch.isfinite(target_logit)),
     )
     return fields, lp
 

@@ -287,11 +287,7 @@ class LossModifierPipeline:
                                          reduction="sum", impl=impl, inplace_grad=inplace_grad)
         bad = fused.stats.bad.any()
         if self.input_checks == "immediate":
-            is_bad, empty = torch.stack([bad, ~valid.any()]).tolist()  # the one host read of the call
-            if is_bad:
-                self._raise_bad(logits, targets, valid, [])
-            if empty:
-                reduce.warn_empty(0, stacklevel=4)
+            reduce.check_once(bad, valid.sum(), lambda: self._raise_bad(logits, targets, valid, []), stacklevel=3)
         self.last_bad = bad
         return ModifiedLoss(fused.loss, fused.loss, bad)
 
@@ -403,7 +399,7 @@ class LossModifierPipeline:
 
     def _host_checks(self, logits, targets, base_valid, ctx, bad, incoming, mods) -> None:
         """Immediate mode: one host read for bad input, the empty batch and (first call) the incoming loss."""
-        flags = [bad, ctx.num_valid == 0]
+        extra = []
         check_incoming = (not self._checked_incoming and isinstance(incoming, torch.Tensor)
                           and incoming.numel() == 1)
         if check_incoming:
@@ -411,25 +407,22 @@ class LossModifierPipeline:
             stats = ctx.stats
             local = reduce.masked_mean(stats.nll.detach(), stats.valid)
             given = incoming.detach().reshape(()).to(local.dtype)
-            flags += [(given - local).abs() > 1e-3 * local.abs(), given, local]
+            extra = [(given - local).abs() > 1e-3 * local.abs(), given, local]
             self._checked_incoming = True
-        values = torch.stack([f.to(torch.float64) for f in flags]).tolist()
-        if values[0]:
-            self._raise_bad(logits, targets, base_valid, mods)
-        if values[1]:
-            reduce.warn_empty(0, stacklevel=5)
-        if check_incoming and values[2]:
-            warnings.warn(MISMATCH_MESSAGE.format(given=values[3], raw=values[4]), UserWarning, stacklevel=5)
+        values = reduce.check_once(bad, ctx.num_valid, lambda: self._raise_bad(logits, targets, base_valid, mods),
+                                   *extra, stacklevel=4)
+        if check_incoming and values[0]:
+            warnings.warn(MISMATCH_MESSAGE.format(given=values[1], raw=values[2]), UserWarning, stacklevel=5)
 
     def _host_checks_elementwise(self, bad: torch.Tensor, valid: torch.Tensor) -> None:
         if self.input_checks != "immediate":
             return
-        is_bad, empty = torch.stack([bad, ~valid.any()]).tolist()
-        if is_bad:
+
+        def explain() -> None:
             raise LossInputError("per_token_loss: non-finite values (NaN/inf) at valid elements; expected finite "
                                  "losses")
-        if empty:
-            reduce.warn_empty(0, stacklevel=4)
+
+        reduce.check_once(bad, valid.sum(), explain, stacklevel=3)
 
     @staticmethod
     def _raise_bad(logits, targets, valid, mods) -> None:
