@@ -47,6 +47,11 @@ T5_NAME = "losskit chunked all features (pipeline)"
 T5_BASELINE = "torch F.cross_entropy label_smoothing=0.1"
 T5_TARGET_RATIO = 1.2
 
+# The T9 rows (gradient accumulation over 4 micro-batches).
+T9_ACCUMULATION = 4
+T9_NAME = "losskit triton all features (eager, trainer path: normalizer x4)"
+T9_LIGER_NAME = "liger CE plain (loss/4)"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs.
@@ -304,9 +309,13 @@ def _modifiers_missing() -> str | None:
     return None
 
 
-def _eager(impl: str, inplace: bool, upstream: float = 1.0) -> LossFn:
+def _eager(impl: str, inplace: bool, upstream: float = 1.0, accumulation: int = 1) -> LossFn:
     def loss(p: Problem, x: torch.Tensor) -> torch.Tensor:
         coeff, denominator = p.eager_weights()
+        if accumulation != 1:
+            # The trainer's gradient-accumulation path: the global normalizer (k micro-batches' worth) is passed
+            # in, so the upstream stays 1 and no rescale pass runs (T9).
+            denominator = denominator * accumulation
         out = losses.losskit_eager(x, p.target, coeff, denominator, p.cfg, impl=impl, inplace_grad=inplace)
         # upstream != 1 is gradient accumulation's loss/k: the eager kernel then rescales its stored gradient.
         return out * upstream if upstream != 1.0 else out
@@ -324,10 +333,10 @@ def _pipeline_oracle(p: Problem, x: torch.Tensor) -> torch.Tensor:
     return losses.all_features_reference(x, p.target, p.token_weight, p.cfg)
 
 
-def _eager_oracle(upstream: float = 1.0) -> LossFn:
+def _eager_oracle(upstream: float = 1.0, accumulation: int = 1) -> LossFn:
     def oracle(p: Problem, x: torch.Tensor) -> torch.Tensor:
         coeff, denominator = p.eager_weights()
-        return losses.eager_reference(x, p.target, coeff, denominator, p.cfg) * upstream
+        return losses.eager_reference(x, p.target, coeff, denominator * accumulation, p.cfg) * upstream
 
     return oracle
 
@@ -387,7 +396,30 @@ ENTRIES: tuple[Entry, ...] = (
     *_all_features_entries("losskit.triton", _needs_triton, _needs_triton),
     Entry("losskit triton all features (eager, upstream 0.25)", "losskit.triton", "eager", False,
           _eager("triton", False, 0.25), _eager_oracle(0.25), _gpu_only),
+    Entry(T9_NAME, "losskit.triton", "eager", False,
+          _eager("triton", False, accumulation=T9_ACCUMULATION), _eager_oracle(accumulation=T9_ACCUMULATION),
+          _gpu_only),
+    Entry(T9_LIGER_NAME, "liger_kernel", "plain", True,
+          lambda p, x: _liger_loss(0.0)(_flat(x), p.target.reshape(-1)) / T9_ACCUMULATION,
+          lambda p, x: _ce_oracle(0.0)(p, x) / T9_ACCUMULATION, _needs_liger),
 )
+
+# T9 (spec/kernels.md §7): gradient accumulation through the trainer path at N=16384, V=128256, against the same
+# run's upstream-1 eager row and Liger plain (its loss/4 row shows the extra pass it pays). Run with t9_options.
+T9_SHAPE: tuple[int, int] = (16384, 128256)
+T9_NAMES: tuple[str, ...] = (
+    "losskit triton all features (eager)",
+    "losskit triton all features (eager, upstream 0.25)",
+    T9_NAME,
+    "liger CE plain",
+    T9_LIGER_NAME,
+)
+
+
+def t9_options(device: torch.device, reps: int = GPU_REPS, check: bool = False) -> Options:
+    """The T9 run: the rows of ``T9_NAMES`` at ``T9_SHAPE`` (GPU method)."""
+    return Options(device=device, shapes=[T9_SHAPE], reps=reps, warmup=GPU_WARMUP, check=check,
+                   entries=tuple(e for e in ENTRIES if e.name in T9_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------------------------
