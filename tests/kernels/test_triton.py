@@ -785,9 +785,11 @@ def test_exclusion_bitmask_bits_and_cache():
 
 
 def test_config_table_and_checks():
-    assert default_config(128256, torch.bfloat16, "cuda").block_v >= 8192
+    for v in (2, 1000, 4096, 4097, 32000, 128256, 256000):
+        cfg = default_config(v, torch.bfloat16, "cuda")
+        assert cfg.rows * cfg.block_v <= 4096 and cfg.rows * cfg.block_v <= 256 * cfg.num_warps  # registers
     small = default_config(1000, torch.bfloat16, "cuda")
-    assert small.block_v == 1024 and small.rows > 1
+    assert small.block_v == 1024 and small.rows == 4
     assert default_config(4099, torch.float32, "cpu").block_v == 1024
     with pytest.raises(LossInputError, match="block_v"):
         LaunchConfig(block_v=48)

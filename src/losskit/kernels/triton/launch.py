@@ -54,23 +54,28 @@ class LaunchConfig:
 
 @functools.lru_cache(maxsize=256)
 def default_config(num_classes: int, dtype: torch.dtype, device_type: str) -> LaunchConfig:
-    """The configuration table (V bucket, dtype, device), starting points of spec/kernels.md §4.4.
+    """The configuration table (V bucket, dtype, device): starting points of spec/kernels.md §4.4, sized by registers.
 
-    GPU: V ≤ 8192: one tile per row (``BLOCK_V = next_pow2(V)``) and several rows per program; V ≤ 65536: one row
-    per program, 8192-wide tiles, 16 warps; larger: 16384-wide tiles, 32 warps (16 for fp32, whose tile holds twice
-    the bytes). The interpreter (CPU tensors) pays per operation, not per element, so it takes up to 32 rows and
-    1024-wide tiles per program.
+    The pass-1 state is six ``(rows, block_v)`` arrays (d, s, a, Σz, argmax value and index) held in registers, so
+    a tile of ``rows·block_v`` elements over ``32·num_warps`` threads costs about ``6·elements/threads`` registers
+    per thread, and Hopper gives at most 65536 per SM (64 per thread at 32 warps, 128 at 16): tiles are therefore
+    at most 4096 elements at 16 warps (8 per thread per array). GPU: V ≤ 4096: one tile per row (``BLOCK_V =
+    next_pow2(V)``) and ``4096 / BLOCK_V`` rows per program; larger V: one row per program, 4096-wide tiles,
+    16 warps, 2 stages. ``python -m losskit.kernels.triton.tune`` sweeps alternatives on the GPU.
+
+    The interpreter (CPU tensors) pays per operation, not per element, so it takes up to 32 rows and 1024-wide
+    tiles per program.
     """
     del dtype  # one table for the three dtypes until a tuning run on the lent GPU says otherwise
     pow2 = triton.next_power_of_2(num_classes)
     if device_type != "cuda":
         return LaunchConfig(block_v=min(pow2, 1024), rows=32, num_warps=1, num_stages=1)
-    if num_classes <= 8192:
+    if num_classes <= 4096:
         block = max(pow2, 16)
-        return LaunchConfig(block_v=block, rows=max(1, min(16, 8192 // block)), num_warps=8 if block >= 4096 else 4)
-    if num_classes <= 65536:
-        return LaunchConfig(block_v=8192, rows=1, num_warps=16, num_stages=2)
-    return LaunchConfig(block_v=16384, rows=1, num_warps=32, num_stages=2)
+        rows = max(1, min(16, 4096 // block))
+        elements = block * rows
+        return LaunchConfig(block_v=block, rows=rows, num_warps=16 if elements >= 4096 else 8 if elements >= 2048 else 4)
+    return LaunchConfig(block_v=4096, rows=1, num_warps=16, num_stages=2)
 
 
 @functools.lru_cache(maxsize=64)
