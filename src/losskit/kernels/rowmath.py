@@ -39,7 +39,9 @@ class RowState:
         m: running max over the absorbed non-target columns (``−inf`` when none was finite).
         d: ``Σ e^{z_i − m}`` (0 when ``m = −inf``).
         s: ``Σ e^{z_i − m}(z_i − m)``.
-        a: ``Σ_{i∈A} (z_i − z_y)`` over the absorbed columns.
+        a: ``Σ_{i∈A} (z_i − z_y)`` over the absorbed columns (the smoothing gap: exact in shift).
+        support_sum: ``Σ_{i∈A, i≠y} z_i`` over the absorbed columns, summed as they are (the support mean: exact
+            however far the target logit is from it); below ``NEG_LARGE_SUM`` when a −inf column was absorbed.
         amax_val: the largest value seen (target excluded), with ``amax_idx`` its lowest column index.
     """
 
@@ -47,6 +49,7 @@ class RowState:
     d: torch.Tensor
     s: torch.Tensor
     a: torch.Tensor
+    support_sum: torch.Tensor
     amax_val: torch.Tensor
     amax_idx: torch.Tensor
 
@@ -75,6 +78,7 @@ def merge_states(x: RowState, y: RowState) -> RowState:
         d=d1 + d2,
         s=s1 + s2,
         a=x.a + y.a,
+        support_sum=x.support_sum + y.support_sum,
         amax_val=torch.where(take, y.amax_val, x.amax_val),
         amax_idx=torch.where(take, y.amax_idx, x.amax_idx),
     )
@@ -92,6 +96,7 @@ class RowStats:
     nll: torch.Tensor  # sp₋
     log1m: torch.Tensor  # −sp₊
     support_gap: torch.Tensor  # a / K  (support mean minus target logit, exact in shift)
+    support_mean: torch.Tensor  # (Σ_{A, i≠y} z_i + [y∈A]·z_y) / K
     entropy: torch.Tensor
     wrong_entropy: torch.Tensor
     argmax: torch.Tensor
@@ -102,22 +107,24 @@ class RowStats:
     one_minus_p_y: torch.Tensor  # e^{−sp₊}
 
 
-def finalize(
-    m: torch.Tensor,
-    d: torch.Tensor,
-    s: torch.Tensor,
-    a: torch.Tensor,
-    amax_val: torch.Tensor,
-    amax_idx: torch.Tensor,
-    target_logit: torch.Tensor,
-    target: torch.Tensor,
-    num_support: int,
-) -> RowStats:
+@dataclasses.dataclass(frozen=True)
+class RowTargets:
+    """Per-row target information a final state is read with: ``z_y``, the clamped target, ``[y∈A]`` (float)
+    and ``K = |A|``."""
+
+    target_logit: torch.Tensor
+    target: torch.Tensor
+    in_support: torch.Tensor
+    num_support: int
+
+
+def finalize(st: RowState, rows: RowTargets) -> RowStats:
     """Statistics from a final streaming state (§3.2), without cancellation.
 
     ``lse = L¬ + sp₊`` (written ``max(L¬, z_y) + log1p(e^{−|δ|})`` so that a degenerate row, d = 0, gives
     ``z_y``), ``nll = sp₋``, ``ln(1 − p_y) = −sp₊``, ``H(q) = ln d − s/d``,
-    ``H(p) = p_y·sp₋ + (1 − p_y)(sp₊ + H(q))``, support mean − z_y = ``a/K``.
+    ``H(p) = p_y·sp₋ + (1 − p_y)(sp₊ + H(q))``, support mean − z_y = ``a/K``, support mean
+    ``(support_sum + [y∈A]·z_y)/K``.
 
     ``m`` is the reference the state was accumulated against (0 stands in for −∞ when ``d = 0``). Every
     difference of large quantities is formed exactly: ``δ = −((m − z_y) + ln d)``, never ``z_y − L¬``, so a
@@ -125,6 +132,9 @@ def finalize(
     ``target`` is the clamped target (in ``[0, V)``); the argmax compares the best non-target column with
     ``z_y``, lowest index on ties (as ``torch.argmax``).
     """
+    m, d, s, a = st.m, st.d, st.s, st.a
+    amax_val, amax_idx = st.amax_val, st.amax_idx
+    target_logit, target, num_support = rows.target_logit, rows.target, rows.num_support
     zero = torch.zeros_like(d)
     log_d = torch.log(d)
     lneg = m + log_d
@@ -142,6 +152,12 @@ def finalize(
     # 0·inf would be NaN when 1 − p_y underflows with sp₊ = inf (no finite non-target logit).
     entropy = p_y * sp_neg + torch.where(om > 0, om * (sp_pos + wrong_entropy), zero)
     support_gap = a / num_support if num_support > 0 else torch.zeros_like(a)
+    if num_support > 0:
+        raw = st.support_sum + rows.in_support * target_logit.clamp_min(NEG_LARGE)
+        support_mean = torch.where(st.support_sum < NEG_LARGE_SUM, torch.full_like(raw, float("-inf")),
+                                   raw / num_support)
+    else:
+        support_mean = target_logit
     zy_c = target_logit.clamp_min(NEG_LARGE)
     y_wins = (zy_c > amax_val) | ((zy_c == amax_val) & (target < amax_idx))
     y_wins = y_wins | (torch.isnan(target_logit) & (~torch.isnan(amax_val) | (target < amax_idx)))
@@ -152,6 +168,7 @@ def finalize(
         nll=sp_neg,
         log1m=-sp_pos,
         support_gap=support_gap,
+        support_mean=support_mean,
         entropy=entropy,
         wrong_entropy=wrong_entropy,
         argmax=argmax,

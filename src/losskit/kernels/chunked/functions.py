@@ -31,7 +31,7 @@ _DOUBLE_BACKWARD_MESSAGE = (
 def finish(rs: RowStats, prep: Prepared) -> StatFields:
     """The masked outputs of a pass: float fields 0 at invalid rows and NaN at out-of-range targets, argmax −1
     at invalid rows, ``correct``, and ``bad`` (a valid row with an out-of-range target or a non-finite lse /
-    target logit). The support mean is ``z_y + a/K``."""
+    target logit)."""
     valid, oob = prep.valid, prep.out_of_range
     zero = torch.zeros((), dtype=rs.lse.dtype, device=rs.lse.device)
     nan = torch.full((), float("nan"), dtype=rs.lse.dtype, device=rs.lse.device)
@@ -45,7 +45,7 @@ def finish(rs: RowStats, prep: Prepared) -> StatFields:
         target_logit=m(rs.target_logit),
         nll=m(rs.nll),
         log1m_target_prob=m(rs.log1m),
-        support_mean_logit=m(rs.target_logit + rs.support_gap),
+        support_mean_logit=m(rs.support_mean),
         entropy=m(rs.entropy),
         wrong_entropy=m(rs.wrong_entropy),
         support_gap=m(rs.support_gap),
@@ -59,7 +59,7 @@ def _masked_constants(rs: RowStats, valid: torch.Tensor) -> RowStats:
     """Row constants for the backward with invalid rows zeroed, so no NaN of an ignored row can leak."""
     zero = torch.zeros((), dtype=rs.lse.dtype, device=rs.lse.device)
     keep = {"argmax"}
-    cleared = {"target_logit", "support_gap"}  # not read by the backward
+    cleared = {"target_logit", "support_gap", "support_mean"}  # not read by the backward
     return RowStats(**{
         f.name: getattr(rs, f.name) if f.name in keep
         else zero if f.name in cleared

@@ -107,6 +107,23 @@ class _ChunkRows:
     y_in_support: torch.Tensor  # [y∈A] (float)
 
 
+def _support_sum(wab: torch.Tensor, ex_local: torch.Tensor | None) -> torch.Tensor:
+    """Row sums of the workspace over the support columns.
+
+    torch.sum reduces pairwise (a matvec accumulates sequentially: 2e-5 relative on a 128k-term row). The
+    excluded columns, usually few, are zeroed for the sum and restored for the exponentials: summing everything
+    and subtracting them would cancel catastrophically when they hold −inf (clamped to −2¹⁰⁰) or any very
+    negative value, which is how a vocabulary is masked.
+    """
+    if ex_local is None:
+        return wab.sum(1)
+    held = wab.index_select(1, ex_local)
+    wab.index_fill_(1, ex_local, 0.0)
+    total = wab.sum(1)
+    wab.index_copy_(1, ex_local, held)
+    return total
+
+
 def _block_state(src: torch.Tensor, ws: Workspace, rows: _ChunkRows, blk: _Block, columns: ColumnBlocks
                  ) -> RowState:
     """Absorb the columns of ``blk`` of the chunk's rows into a fresh state (leaves ``exp`` in ``ws.b``)."""
@@ -117,6 +134,10 @@ def _block_state(src: torch.Tensor, ws: Workspace, rows: _ChunkRows, blk: _Block
     load(src, wab, torch.clamp, min=NEG_LARGE)
     if wa.shape[1] > vb:
         wa[:, vb:].fill_(NEG_LARGE)
+    ex_local = columns.excluded(blk.c0, blk.c1)
+    # Σ_{i∈A, i≠y} z_i as the logits are, for the support mean; the gap a below is summed against m instead.
+    set_target(wab, blk.local, blk.in_block, 0.0)
+    support_sum = _support_sum(wab, ex_local)
     set_target(wab, blk.local, blk.in_block, NEG_LARGE)
 
     groups = wa.view(n, -1, GROUP)
@@ -132,18 +153,7 @@ def _block_state(src: torch.Tensor, ws: Workspace, rows: _ChunkRows, blk: _Block
 
     # a = Σ_{i∈A, i≠y} (z_i − z_y), accumulated against m so a shared offset cancels exactly.
     set_target(wab, blk.local, blk.in_block, 0.0)
-    # torch.sum reduces pairwise (a matvec accumulates sequentially: 2e-5 relative on a 128k-term row).
-    # The excluded columns, usually few, are zeroed for the sum and restored for the exponentials: summing
-    # everything and subtracting them would cancel catastrophically when they hold −inf (clamped to −2¹⁰⁰) or
-    # any very negative value, which is how a vocabulary is masked.
-    ex_local = columns.excluded(blk.c0, blk.c1)
-    if ex_local is None:
-        s_a = wab.sum(1)
-    else:
-        held = wab.index_select(1, ex_local)
-        wab.index_fill_(1, ex_local, 0.0)
-        s_a = wab.sum(1)
-        wab.index_copy_(1, ex_local, held)
+    s_a = _support_sum(wab, ex_local)
     y_in = rows.y_in_support if blk.in_block is None else rows.y_in_support * blk.in_block
     cnt = float(columns.support_count(blk.c0, blk.c1)) - y_in
     a = s_a - cnt * (rows.zy - m)
@@ -154,7 +164,7 @@ def _block_state(src: torch.Tensor, ws: Workspace, rows: _ChunkRows, blk: _Block
     torch.exp(wa, out=wb)
     d = wb.sum(1)
     s = wa.mul_(wb).sum(1)
-    return RowState(m=m, d=d, s=s, a=a, amax_val=mval, amax_idx=amax_idx)
+    return RowState(m=m, d=d, s=s, a=a, support_sum=support_sum, amax_val=mval, amax_idx=amax_idx)
 
 
 def _chunk_state(src: torch.Tensor, ws: Workspace, rows: _ChunkRows, plan: Plan, columns: ColumnBlocks
@@ -173,14 +183,14 @@ def _chunk_state(src: torch.Tensor, ws: Workspace, rows: _ChunkRows, plan: Plan,
 
 
 def _finalize(st: RowState, rows: _ChunkRows, num_support: int) -> RowStats:
-    return rowmath.finalize(st.m, st.d, st.s, st.a, st.amax_val, st.amax_idx, rows.zy, rows.target, num_support)
+    return rowmath.finalize(st, rowmath.RowTargets(rows.zy, rows.target, rows.y_in_support, num_support))
 
 
 def stats_pass(logits: torch.Tensor, prep: Prepared, plan: Plan, eager: Eager | None = None) -> RowStats:
     """Pass 1 over ``logits``: the ``RowStats`` of every row, unmasked; writes G when ``eager`` is given."""
     n = prep.valid.numel()
     dt, dev = prep.dtype, logits.device
-    m_all, d_all, s_all, a_all, val_all, zy_all = (torch.empty(n, dtype=dt, device=dev) for _ in range(6))
+    m_all, d_all, s_all, a_all, sum_all, val_all, zy_all = (torch.empty(n, dtype=dt, device=dev) for _ in range(7))
     idx_all = torch.empty(n, dtype=torch.long, device=dev)
     ws = Workspace(plan, n, dt, dev)
     columns = ColumnBlocks(prep.support.ids, dev)
@@ -191,7 +201,7 @@ def stats_pass(logits: torch.Tensor, prep: Prepared, plan: Plan, eager: Eager | 
         zy = src.gather(-1, tgt.view(*src.shape[:-1], 1)).reshape(-1).to(dt)
         rows = _ChunkRows(tgt, zy, prep.target_in_support[sl])
         st = _chunk_state(src, ws, rows, plan, columns)
-        m_all[sl], d_all[sl], s_all[sl], a_all[sl] = st.m, st.d, st.s, st.a
+        m_all[sl], d_all[sl], s_all[sl], a_all[sl], sum_all[sl] = st.m, st.d, st.s, st.a, st.support_sum
         val_all[sl], idx_all[sl], zy_all[sl] = st.amax_val, st.amax_idx, zy
         if eager is not None:
             rs = _finalize(st, rows, prep.support.count)
@@ -206,7 +216,8 @@ def stats_pass(logits: torch.Tensor, prep: Prepared, plan: Plan, eager: Eager | 
                 _write_grad(ws.b[: ch.rows], dst, g, prep.support, blk, sanitize=True)
             else:
                 _grad_chunk(src, dst, ws, GradRows.of(co, rs, tgt), prep.valid[sl], prep, plan)
-    return rowmath.finalize(m_all, d_all, s_all, a_all, val_all, idx_all, zy_all, prep.target, prep.support.count)
+    whole = RowState(m=m_all, d=d_all, s=s_all, a=a_all, support_sum=sum_all, amax_val=val_all, amax_idx=idx_all)
+    return _finalize(whole, _ChunkRows(prep.target, zy_all, prep.target_in_support), prep.support.count)
 
 
 # ------------------------------------------------------------------------------------------------------------
