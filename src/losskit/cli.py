@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("losskit.train.compare:main", "train config variants on the same data and seed; table + val-curve PNG"),
     "sample": ("losskit.train.sample:main", "generate text from a trained lm run"),
     "export": ("losskit.train.export:main", "write a trained lm run as a Hugging Face LlamaForCausalLM (+ byte tokenizer)"),
+    "serve": ("losskit.service.cli:main", "start the training server (LoRA on HF causal LMs, built-in and custom losses)"),
 }
 
 
