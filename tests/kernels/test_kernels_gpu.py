@@ -1,4 +1,4 @@
-"""GPU checks of the ``triton`` implementation (spec/kernels.md §5 "GPU tests", §8 item 6); skipped without CUDA.
+"""GPU checks of the ``triton`` implementation; skipped without CUDA.
 
 Run on the lent GPU by ``benchmarks/gpu_check.sh``: full-size parity (bf16 and fp32, N=8192, V=128256) against the
 fp64 oracle by the section 5 rule; triton-vs-chunked parity; every mode's fwd+bwd under

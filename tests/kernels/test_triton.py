@@ -1,4 +1,4 @@
-"""The ``triton`` implementation under the Triton interpreter: the section 5 matrix of spec/kernels.md.
+"""The ``triton`` implementation under the Triton interpreter: the test matrix of the kernels.
 
 Every case calls the Triton autograd Functions (or launchers) directly on the prepared inputs, wraps the outputs as
 ``kernels/__init__.py`` does, and compares them with the ``torch`` implementation in fp64 on the same rounded inputs

@@ -1,4 +1,4 @@
-"""The cross-entropy benchmark of spec/kernels.md §6: entries, inputs, the run, and its rows.
+"""The cross-entropy benchmark: entries, inputs, the run, and its rows.
 
 One run measures, per shape and side by side, every entry of ``ENTRIES`` that applies to the device: torch
 ``F.cross_entropy`` (plain, smoothed, compiled), Liger-Kernel, the two seed pipelines and losskit's ``torch``,
@@ -36,13 +36,13 @@ CPU_REPS = 5
 CPU_COPY_BYTES = 256 * memory.MIB
 GPU_COPY_BYTES = 2 * memory.GIB
 
-# (N, V) per mode (spec/kernels.md §6).
+# (N, V) per mode.
 GPU_SHAPES: tuple[tuple[int, int], ...] = ((8192, 128256), (16384, 32000))
 GPU_BIG_VOCAB: tuple[int, int] = (8192, 256000)
 CPU_SHAPES: tuple[tuple[int, int], ...] = ((2048, 32000), (512, 128256))
 CPU_QUICK_SHAPES: tuple[tuple[int, int], ...] = ((512, 32000), (128, 128256))
 
-# The two rows the T5 target compares (spec/kernels.md §7).
+# The two rows the T5 target compares.
 T5_NAME = "losskit chunked all features (pipeline)"
 T5_BASELINE = "torch F.cross_entropy label_smoothing=0.1"
 T5_TARGET_RATIO = 1.2
@@ -237,7 +237,7 @@ def _gpu_only(device: torch.device) -> str | None:
 
 
 def _torch_eager_skip(device: torch.device) -> str | None:
-    # The reference has no eager mode (spec/kernels.md §4.2): this row is its autograd path again, with up-front
+    # The reference has no eager mode: this row is its autograd path again, with up-front
     # weights. On CPU it costs the most of any row and says nothing the pipeline row does not, so it runs on GPU.
     if _kernels_missing():
         return _kernels_missing()
@@ -245,7 +245,7 @@ def _torch_eager_skip(device: torch.device) -> str | None:
 
 
 def _no_inplace(_device: torch.device) -> str | None:
-    return _kernels_missing() or "the torch impl has no in-place mode (spec/kernels.md §4.2)"
+    return _kernels_missing() or "the torch impl has no in-place mode"
 
 
 def _ce(label_smoothing: float, upcast: bool) -> LossFn:
@@ -404,7 +404,7 @@ ENTRIES: tuple[Entry, ...] = (
           lambda p, x: _ce_oracle(0.0)(p, x) / T9_ACCUMULATION, _needs_liger),
 )
 
-# T9 (spec/kernels.md §7): gradient accumulation through the trainer path at N=16384, V=128256, against the same
+# T9: gradient accumulation through the trainer path at N=16384, V=128256, against the same
 # run's upstream-1 eager row and Liger plain (its loss/4 row shows the extra pass it pays). Run with t9_options.
 T9_SHAPE: tuple[int, int] = (16384, 128256)
 T9_NAMES: tuple[str, ...] = (
@@ -456,7 +456,7 @@ class BenchCase:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One result row: every column of the CSV (spec/kernels.md §6) except the per-run environment."""
+    """One result row: every column of the CSV except the per-run environment."""
 
     name: str
     impl: str

@@ -1,4 +1,4 @@
-"""The ``triton`` implementation of ``losskit.kernels`` (spec/kernels.md §4.4): jit kernels → launchers → Functions.
+"""The ``triton`` implementation of ``losskit.kernels``: jit kernels → launchers → autograd Functions.
 
 Imported only when the Triton path is chosen (it imports ``triton``; an ``ImportError`` here is what makes the
 dispatch fall back to ``chunked``). Entry points, drop-in siblings of ``chunked``'s:

@@ -1,4 +1,4 @@
-"""The ``triton`` implementation's launchers and autograd Functions (spec/kernels.md §4.1, §4.4).
+"""The ``triton`` implementation's launchers and autograd Functions.
 
 Layering: ``kernels.py`` (``@triton.jit``) → ``launch.py`` (raw launchers) → ``ops.py`` (torch custom ops) → this
 module: launchers on the validated per-row inputs (``prepare.Prepared``, ``prepare.Smoothing``) and the two

@@ -1,4 +1,4 @@
-"""Triton kernels of the ``triton`` implementation (spec/kernels.md §3, §4.4): device functions and ``@jit`` kernels.
+"""Triton kernels of the ``triton`` implementation: device functions and ``@jit`` kernels.
 
 One program handles ``ROWS`` rows as a ``(ROWS, BLOCK_V)`` tile and walks the vocabulary in ``BLOCK_V``-wide tiles.
 The streaming state of §3.1 is kept per lane (``d``, ``s``, ``a`` and the argmax candidates are ``(ROWS, BLOCK_V)``

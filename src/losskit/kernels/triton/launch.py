@@ -1,4 +1,4 @@
-"""Launch configuration, the exclusion bitmask, and the raw launchers of the Triton kernels (spec/kernels.md §4.4).
+"""Launch configuration, the exclusion bitmask, and the raw launchers of the Triton kernels.
 
 The raw launchers take tensors, ints, floats and bools only (so that ``ops.py`` can register each one as a torch
 custom op), allocate their outputs, and launch one kernel. They are device-agnostic: no ``torch.cuda`` call, CPU
@@ -54,7 +54,7 @@ class LaunchConfig:
 
 @functools.lru_cache(maxsize=256)
 def default_config(num_classes: int, dtype: torch.dtype, device_type: str) -> LaunchConfig:
-    """The configuration table (V bucket, dtype, device): starting points of spec/kernels.md §4.4, sized by registers.
+    """The configuration table (V bucket, dtype, device), sized by the register file.
 
     The pass-1 state is six ``(rows, block_v)`` arrays (d, s, a, Σz, argmax value and index) held in registers, so
     a tile of ``rows·block_v`` elements over ``32·num_warps`` threads costs about ``6·elements/threads`` registers

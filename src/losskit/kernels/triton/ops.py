@@ -1,4 +1,4 @@
-"""The raw launchers registered as torch custom ops, so that ``torch.compile`` treats them as opaque (spec §4.4).
+"""The raw launchers registered as torch custom ops, so that ``torch.compile`` treats them as opaque.
 
 Each op takes tensors and plain numbers only and has a fake (meta) implementation giving output shapes and dtypes,
 so a compiled step traces through the autograd Functions without running Triton at trace time. Ops that write into

@@ -1,4 +1,4 @@
-"""Sweep launch configurations of the Triton kernels on a CUDA device and print the timings (spec/kernels.md §4.4).
+"""Sweep launch configurations of the Triton kernels on a CUDA device and print the timings.
 
 ``python -m losskit.kernels.triton.tune [--shapes 8192x128256,16384x32000] [--dtype bfloat16] [--budget-s 150]``
 
