@@ -7,7 +7,7 @@ import torch
 
 from losskit.modifiers import EntropyModifier, SNRWeightModifier
 from losskit.modifiers.base import masked_summary
-from losskit.modifiers.pipeline import standalone_pipeline
+from losskit.modifiers.standalone import standalone_pipeline
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (1, 1)])
@@ -44,3 +44,18 @@ def test_standalone_pipeline_is_built_once_and_keeps_the_name():
     x = torch.randn(4, 3, dtype=torch.float64)
     snr.modify_loss(x, torch.zeros_like(x), log_snr=torch.linspace(-2, 2, 4, dtype=torch.float64))
     assert [m.name for m in standalone_pipeline(snr)] == ["SNRWeightModifier"]
+
+
+def test_optional_hooks_are_declared_on_the_base_class():
+    from losskit.modifiers.base import BaseLossModifier, is_rank0
+
+    class Plain(BaseLossModifier):
+        def modify_loss(self, logits, targets, loss, **kwargs):
+            return loss
+
+        def get_metrics(self):
+            return {}
+
+    m = Plain({"enabled": True})
+    assert m.bad_rows(None) is None and m.explain_bad(None, None, None) is None and m.last_weights is None
+    assert is_rank0()

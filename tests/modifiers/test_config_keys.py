@@ -279,3 +279,96 @@ def test_losskit_modifiers_lists_every_key():
     for key, spec in MODIFIER_CONFIG_KEYS.items():
         assert key in rows, key
         assert spec.type in rows[key] and repr(spec.default) in rows[key] and spec.help in rows[key]
+
+
+# ---- settings parsed once, at the edge ----------------------------------------------------------------------------
+
+
+def test_parse_modifier_config_builds_one_frozen_settings_object_per_builtin():
+    import dataclasses
+
+    from losskit.modifiers.config_keys import (
+        EntropySettings,
+        MaskRatioSettings,
+        ModifierSettings,
+        SmoothingSettings,
+        SNRSettings,
+        parse_modifier_config,
+    )
+
+    s = parse_modifier_config({
+        "loss_modifiers_enabled": "true", "entropy_modifier_enabled": "1", "entropy_modifier_weight": "2",
+        "target_smoothing_special_tokens": "0,1,1", "mask_ratio_weight_min": 0.2, "loss_weighting": "min_snr",
+        "min_snr_gamma": "3", "some_trainer_key": 7,
+    })
+    assert isinstance(s, ModifierSettings) and s.enabled
+    assert isinstance(s.entropy, EntropySettings) and s.entropy.enabled and s.entropy.weight == 2.0
+    assert isinstance(s.smoothing, SmoothingSettings) and s.smoothing.special_tokens == (0, 1)
+    assert isinstance(s.mask_ratio, MaskRatioSettings) and s.mask_ratio.min == 0.2
+    assert isinstance(s.snr, SNRSettings) and s.snr.enabled and s.snr.min_snr_gamma == 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.entropy.weight = 3.0
+    flat = s.flat()
+    assert list(flat) == list(MODIFIER_CONFIG_KEYS) and flat["target_smoothing_special_tokens"] == [0, 1]
+    assert validate_modifier_config(flat) == flat  # the flat view parses back to itself
+    # every field of every settings class is a key of the table, with the table's default
+    defaults = parse_modifier_config({})
+    for b in defaults.builtins:
+        for f in dataclasses.fields(b):
+            spec = MODIFIER_CONFIG_KEYS[b.PREFIX + f.name]
+            assert spec.owner == b.OWNER
+            assert getattr(b, f.name) == (tuple(spec.default) if isinstance(spec.default, list) else spec.default)
+
+
+def test_modifiers_take_settings_or_the_seed_dict_and_agree():
+    from losskit.modifiers import (
+        EntropyModifier,
+        MaskRatioWeightModifier,
+        SNRWeightModifier,
+        TargetSmoothingModifier,
+    )
+    from losskit.modifiers.config_keys import parse_modifier_config
+
+    s = parse_modifier_config({
+        "loss_modifiers_enabled": True, "entropy_modifier_enabled": True, "entropy_modifier_threshold": 0.3,
+        "target_smoothing_enabled": True, "target_smoothing_factor": 0.2, "mask_ratio_weight_enabled": True,
+        "mask_ratio_weight_power": 1.0, "loss_weighting": "p2", "p2_k": 2.0,
+    })
+    pairs = [
+        (EntropyModifier(s.entropy), EntropyModifier({"enabled": True, "threshold": "0.3"})),
+        (TargetSmoothingModifier(s.smoothing), TargetSmoothingModifier({"enabled": True, "factor": 0.2})),
+        (MaskRatioWeightModifier(s.mask_ratio), MaskRatioWeightModifier({"enabled": True, "power": 1})),
+        (SNRWeightModifier(s.snr), SNRWeightModifier({"loss_weighting": "p2", "p2_k": 2.0})),
+    ]
+    for from_settings, from_dict in pairs:
+        assert from_settings.settings == from_dict.settings
+        assert from_settings.is_enabled() and from_dict.is_enabled()
+    with pytest.raises(ConfigError, match="entropy_modifier_threshold"):
+        EntropyModifier({"enabled": True, "treshold": 0.3})
+    with pytest.raises(ConfigError, match="did you mean 'min_snr_gamma'"):
+        SNRWeightModifier({"loss_weighting": "min_snr", "min_snr_gama": 2})
+
+
+def test_snr_domain_checks_happen_at_parse_time():
+    from losskit.modifiers.config_keys import parse_modifier_config
+
+    with pytest.raises(ConfigError, match="applies to loss_weighting='sangoi' only"):
+        parse_modifier_config({"loss_weighting": "min_snr", "loss_weighting_differentiable_weights": True})
+    with pytest.raises(ConfigError, match="snr_clamp_min must be <= snr_clamp_max"):
+        parse_modifier_config({"snr_clamp_min": 2.0, "snr_clamp_max": 1.0})
+
+
+def test_factory_takes_parsed_settings_without_warning_again(recwarn):
+    from losskit.modifiers import create_loss_modifier_pipeline
+    from losskit.modifiers.config_keys import parse_modifier_config
+
+    with pytest.warns(UserWarning, match="has no effect because loss_modifiers_enabled=False"):
+        s = parse_modifier_config({"entropy_modifier_enabled": True})
+    recwarn.clear()
+    pipe = create_loss_modifier_pipeline(s, verbose=False)
+    assert pipe.is_empty() and not [w for w in recwarn if "no effect" in str(w.message)]
+    with pytest.warns(UserWarning, match="p2_gamma=3.0 is above 2"):
+        s = parse_modifier_config({"loss_modifiers_enabled": True, "loss_weighting": "p2", "p2_gamma": 3})
+    recwarn.clear()
+    pipe = create_loss_modifier_pipeline(s, verbose=False)
+    assert len(pipe) == 1 and not [w for w in recwarn if "p2_gamma" in str(w.message)]

@@ -12,7 +12,9 @@ from losskit.modifiers.base import BaseLossModifier, ModifiedLoss, ModifierConte
 from losskit.modifiers.config_keys import (
     MODIFIER_CONFIG_KEYS,
     KeySpec,
+    ModifierSettings,
     coerce_value,
+    parse_modifier_config,
     validate_modifier_config,
 )
 from losskit.modifiers.entropy import EntropyModifier, entropy_batch_weight
@@ -36,6 +38,7 @@ __all__ = [
     "MaskRatioWeightModifier",
     "ModifiedLoss",
     "ModifierContext",
+    "ModifierSettings",
     "SNRWeightModifier",
     "TargetSmoothingModifier",
     "Weights",
@@ -43,6 +46,7 @@ __all__ = [
     "create_loss_modifier_pipeline",
     "entropy_batch_weight",
     "mask_ratio_weights",
+    "parse_modifier_config",
     "phase_of",
     "register_modifier",
     "registered_modifiers",

@@ -31,9 +31,16 @@ __all__ = [
     "ModifiedLoss",
     "ModifierContext",
     "Weights",
+    "is_rank0",
     "masked_summary",
     "phase_of",
 ]
+
+
+def is_rank0() -> bool:
+    """Whether this process prints and logs: rank 0 under ``torch.distributed``, or no process group at all."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +126,15 @@ class BaseLossModifier(abc.ABC):
         differentiable_weights: keep the graph of the weights this modifier returns.
         requires_logits: needs class logits (cannot run on the element-wise entry of regression losses).
         canonical_rank: position in the canonical order of built-ins (None for user modifiers).
+        last_weights: the per-example weights of the last call, for weight producers that have them (the SNR
+            modifier); None otherwise. Trainers log them (e.g. per-timestep weight histograms).
     """
 
     needs: tuple[str, ...] = ()
     differentiable_weights: bool = False
     requires_logits: bool = False
     canonical_rank: int | None = None
+    last_weights: torch.Tensor | None = None
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         config = {} if config is None else config
@@ -171,6 +181,16 @@ class BaseLossModifier(abc.ABC):
 
     def check_num_classes(self, num_classes: int) -> None:
         """Validate settings that depend on V, at the first call (raise ``ConfigError``)."""
+
+    # ---- hooks the pipeline consults after the statistics pass -------------------------------------------------
+    def bad_rows(self, ctx: ModifierContext) -> torch.Tensor | None:
+        """A bool ``(B, T)`` device mask of valid rows this modifier cannot use (e.g. −inf inside its smoothing
+        support), ORed into the pipeline's ``bad`` flag without a host read; None when there are none."""
+        return None
+
+    def explain_bad(self, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> None:
+        """Raise the precise ``LossInputError`` for the rows ``bad_rows`` flagged (may read values: it runs only
+        once something is known to be wrong)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, enabled={self.enabled})"

@@ -7,8 +7,11 @@ SNR-weighting keys of spec/diffusion.md §8. Every key the seed documents is her
 Values arrive as Python objects (from a ``config/*.py`` file or a dict) or as strings (``--key=value`` on the
 command line). :func:`coerce_value` converts both by the key's *declared* type, not by the type of its default, so
 ``--target_smoothing_special_tokens=0,1,2`` gives ``[0, 1, 2]`` and ``--entropy_modifier_weight=2`` gives ``2.0``.
-:func:`validate_modifier_config` applies the coercion, the range checks, the cross-key checks and the unknown-key
-check (difflib's closest key, curated hints for the reference implementation's legacy names) to a whole config.
+:func:`parse_modifier_config` applies the coercion, the range checks, the cross-key checks and the unknown-key
+check (difflib's closest key, curated hints for the reference implementation's legacy names) to a whole config,
+once, at the edge, and returns frozen settings: one dataclass per built-in modifier (``EntropySettings``,
+``SmoothingSettings``, ``MaskRatioSettings``, ``SNRSettings``) inside one ``ModifierSettings``. The factory and the
+modifiers take those; nothing below parses again.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import dataclasses
 import difflib
 import fnmatch
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from losskit.contract import ConfigError
+from losskit.contract import ConfigError, LossInputError
+from losskit.functional.diffusion import check_convention
 
 __all__ = [
     "LEGACY_HINTS",
@@ -30,14 +35,19 @@ __all__ = [
     "MODIFIER_CONFIG_KEYS",
     "MODIFIER_KEY_PATTERNS",
     "SUB_SWITCHES",
+    "EntropySettings",
     "KeySpec",
+    "MaskRatioSettings",
+    "ModifierSettings",
+    "SNRSettings",
+    "SmoothingSettings",
     "coerce_bool",
     "coerce_value",
     "config_to_dict",
     "is_modifier_shaped",
     "literal_value",
+    "parse_modifier_config",
     "section",
-    "short_settings",
     "switch_on",
     "unknown_key_message",
     "validate_modifier_config",
@@ -334,38 +344,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(names).items() if not k.startswith("_")}
 
 
-def validate_modifier_config(
-    config: Mapping[str, Any] | Any,
-    *,
-    prefixes: Iterable[str] = (),
-    warn_master_switch: bool = True,
-) -> dict[str, Any]:
-    """Validate the modifier keys of a merged config; return every modifier key with its coerced value.
-
-    Args:
-        config: a dict or attribute object. Keys that are not modifier-shaped (trainer keys, the seed's
-            ``custom_param``) are ignored here; modifier-shaped keys must be in ``MODIFIER_CONFIG_KEYS`` or
-            start with one of ``prefixes`` (the ``register_modifier`` prefixes).
-        prefixes: registered user-modifier prefixes; keys under them are valid and not checked here.
-        warn_master_switch: warn once when a sub-switch is on but ``loss_modifiers_enabled`` is False.
-
-    Returns:
-        ``{key: value}`` for every key of ``MODIFIER_CONFIG_KEYS`` (defaults filled in).
-
-    Raises:
-        ConfigError: unknown modifier-shaped key (with the closest valid key), bad type or range, min > max,
-            ``entropy_modifier_use_for_weighting=False`` with the entropy modifier on.
-    """
-    raw = config_to_dict(config)
-    prefixes = tuple(prefixes)
-    values = {k: s.default for k, s in MODIFIER_CONFIG_KEYS.items()}
-    for key, value in raw.items():
-        if key in MODIFIER_CONFIG_KEYS:
-            values[key] = coerce_value(key, value)
-        elif any(key.startswith(p) for p in prefixes):
-            continue
-        elif is_modifier_shaped(key):
-            raise ConfigError(unknown_key_message(key, MODIFIER_CONFIG_KEYS))
+def _check_cross_keys(values: Mapping[str, Any]) -> None:
+    """The checks that involve more than one key (or a key and a scheme's domain)."""
     if values["mask_ratio_weight_min"] > values["mask_ratio_weight_max"]:
         raise ConfigError(
             "mask_ratio_weight_min must be <= mask_ratio_weight_max, got "
@@ -376,29 +356,237 @@ def validate_modifier_config(
         raise ConfigError(f"snr_clamp_min must be <= snr_clamp_max, got min={lo!r} > max={hi!r}")
     if values["entropy_modifier_enabled"] and not values["entropy_modifier_use_for_weighting"]:
         raise ConfigError(USE_FOR_WEIGHTING_MESSAGE)
+    scheme = values["loss_weighting"]
+    if values["loss_weighting_differentiable_weights"] and scheme != "sangoi":
+        raise ConfigError(
+            "loss_weighting_differentiable_weights=True applies to loss_weighting='sangoi' only (the other "
+            f"schemes depend only on the SNR), got loss_weighting={scheme!r}"
+        )
+    try:
+        check_convention(scheme, values["prediction_type"], values["weighting_convention"], p2_k=values["p2_k"])
+    except LossInputError as exc:
+        raise ConfigError(
+            f"weighting_convention={values['weighting_convention']!r} does not define loss_weighting={scheme!r} "
+            f"with prediction_type={values['prediction_type']!r}: {exc}"
+        ) from None
+
+
+def _validate(raw: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Every modifier key of ``raw`` coerced and range-checked, defaults filled in, cross-key checks done."""
+    values = {k: s.default for k, s in MODIFIER_CONFIG_KEYS.items()}
+    for key, value in raw.items():
+        if key in MODIFIER_CONFIG_KEYS:
+            values[key] = coerce_value(key, value)
+        elif any(key.startswith(p) for p in prefixes):
+            continue
+        elif is_modifier_shaped(key):
+            raise ConfigError(unknown_key_message(key, MODIFIER_CONFIG_KEYS))
+    _check_cross_keys(values)
+    return values
+
+
+class _Settings:
+    """Shared behaviour of the settings dataclasses: mapping-style reads and the flat keys they came from."""
+
+    OWNER: str = ""
+    PREFIX: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]):
+        """The settings from validated flat values (``parse_modifier_config`` builds them this way)."""
+        return cls(**{k[len(cls.PREFIX):]: _frozen(values[k]) for k in section(cls.OWNER)})
+
+    @classmethod
+    def from_short(cls, config: Mapping[str, Any] | None):
+        """Seed 000's dict constructor: short keys (the flat key minus ``PREFIX``), validated like the flat keys;
+        an unknown short key raises with the closest flat key. ``name`` is not a setting and is ignored here."""
+        flat = {cls.PREFIX + k: v for k, v in dict(config or {}).items() if k != "name"}
+        keys = section(cls.OWNER)
+        for key in flat:
+            if key not in keys:
+                raise ConfigError(unknown_key_message(key, keys))
+        return cls.from_flat(_validate(flat, ()))
+
+    def short(self) -> dict[str, Any]:
+        """``{short key: value}``: the dict the seed-000 constructor takes."""
+        return {f.name: _thawed(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def flat(self) -> dict[str, Any]:
+        """``{flat key: value}`` (lists as lists, as the config files spell them)."""
+        return {self.PREFIX + f.name: _thawed(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _thawed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropySettings(_Settings):
+    """``EntropyModifier``: the ``entropy_modifier_*`` keys (see ``MODIFIER_CONFIG_KEYS`` for meaning and range)."""
+
+    OWNER = _ENTROPY
+    PREFIX = "entropy_modifier_"
+    enabled: bool
+    weight: float
+    threshold: float
+    eps: float
+    use_for_weighting: bool
+    debug: bool
+    per_sample: bool
+    differentiable_weights: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothingSettings(_Settings):
+    """``TargetSmoothingModifier``: the ``target_smoothing_*`` keys."""
+
+    OWNER = _SMOOTHING
+    PREFIX = "target_smoothing_"
+    enabled: bool
+    factor: float
+    special_tokens: tuple[int, ...]
+    exclude_padding: bool
+    padding_token: int
+    convention: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRatioSettings(_Settings):
+    """``MaskRatioWeightModifier``: the ``mask_ratio_weight_*`` keys."""
+
+    OWNER = _MASK_RATIO
+    PREFIX = "mask_ratio_weight_"
+    enabled: bool
+    power: float
+    min: float
+    max: float
+    eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SNRSettings(_Settings):
+    """``SNRWeightModifier``: the diffusion weighting keys, which share no prefix (field names are the flat keys);
+    on unless ``loss_weighting == "constant"``."""
+
+    OWNER = _SNR
+    PREFIX = ""
+    loss_weighting: str
+    min_snr_gamma: float
+    p2_gamma: float
+    p2_k: float
+    snr_clamp_max: float | None
+    snr_clamp_min: float | None
+    prediction_type: str
+    weighting_convention: str
+    edm_sigma_data: float
+    loss_weighting_differentiable_weights: bool
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss_weighting != "constant"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModifierSettings:
+    """A whole modifier config, parsed once: the master switch, one settings object per built-in, and the raw
+    short-key values of each ``register_modifier`` prefix (``(prefix, {short key: value})`` pairs)."""
+
+    enabled: bool
+    entropy: EntropySettings
+    smoothing: SmoothingSettings
+    mask_ratio: MaskRatioSettings
+    snr: SNRSettings
+    registered: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    @property
+    def builtins(self) -> tuple[_Settings, ...]:
+        """The built-ins' settings in canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight)."""
+        return self.entropy, self.smoothing, self.mask_ratio, self.snr
+
+    def flat(self) -> dict[str, Any]:
+        """Every key of ``MODIFIER_CONFIG_KEYS`` with its value, in table order."""
+        out: dict[str, Any] = {MASTER_SWITCH: self.enabled}
+        for b in self.builtins:
+            out.update(b.flat())
+        return {k: out[k] for k in MODIFIER_CONFIG_KEYS}
+
+
+def parse_modifier_config(
+    config: Mapping[str, Any] | Any,
+    *,
+    prefixes: Iterable[str] = (),
+    warn: bool = True,
+) -> ModifierSettings:
+    """Validate the modifier keys of a merged config once and return its ``ModifierSettings``.
+
+    Args:
+        config: a dict or attribute object. Keys that are not modifier-shaped (trainer keys, the seed's
+            ``custom_param``) are ignored here; modifier-shaped keys must be in ``MODIFIER_CONFIG_KEYS`` or
+            start with one of ``prefixes`` (the ``register_modifier`` prefixes, whose values are kept raw, parsed
+            as Python literals when they are strings).
+        prefixes: registered user-modifier prefixes.
+        warn: warn once for settings that do nothing or do little (a sub-switch on while
+            ``loss_modifiers_enabled`` is False; ``p2_gamma`` above 2). The edge that parses a config warns;
+            every later consumer takes the parsed settings and stays silent.
+
+    Raises:
+        ConfigError: unknown modifier-shaped key (with the closest valid key), bad type or range, min > max,
+            ``entropy_modifier_use_for_weighting=False`` with the entropy modifier on, an SNR scheme the chosen
+            convention does not define.
+    """
+    raw = config_to_dict(config)
+    prefixes = tuple(prefixes)
+    values = _validate(raw, prefixes)
+    if warn:
+        _warn(values)
+    registered = tuple(
+        (p, types.MappingProxyType({k[len(p):]: literal_value(v) for k, v in raw.items() if k.startswith(p)}))
+        for p in prefixes
+    )
+    return ModifierSettings(
+        enabled=values[MASTER_SWITCH],
+        entropy=EntropySettings.from_flat(values),
+        smoothing=SmoothingSettings.from_flat(values),
+        mask_ratio=MaskRatioSettings.from_flat(values),
+        snr=SNRSettings.from_flat(values),
+        registered=tuple((p, sub) for p, sub in registered if sub),
+    )
+
+
+def _warn(values: Mapping[str, Any]) -> None:
+    # stacklevel 3: the warning names the caller of parse_modifier_config (the config edge)
     if values["loss_weighting"] == "p2" and values["p2_gamma"] > 2:
         warnings.warn(f"p2_gamma={values['p2_gamma']} is above 2; P2 weighting then nearly ignores low-SNR steps",
-                      UserWarning, stacklevel=2)
-    if warn_master_switch and not values[MASTER_SWITCH]:
+                      UserWarning, stacklevel=3)
+    if not values[MASTER_SWITCH]:
         on = [sw for sw in SUB_SWITCHES.values() if switch_on(sw, values[sw])]
         if on:
             shown = ", ".join(f"{sw}={values[sw]!r}" for sw in on)
             warnings.warn(f"{shown} has no effect because loss_modifiers_enabled=False", UserWarning,
-                          stacklevel=2)
-    return values
+                          stacklevel=3)
+
+
+def validate_modifier_config(
+    config: Mapping[str, Any] | Any,
+    *,
+    prefixes: Iterable[str] = (),
+    warn_master_switch: bool = True,
+) -> dict[str, Any]:
+    """``parse_modifier_config(...).flat()``: every modifier key with its coerced value (defaults filled in).
+
+    For callers that want the flat ``{key: value}`` view (``losskit modifiers``, config dumps); the checks and
+    warnings are those of ``parse_modifier_config``.
+    """
+    return parse_modifier_config(config, prefixes=prefixes, warn=warn_master_switch).flat()
 
 
 def switch_on(key: str, value: Any) -> bool:
     """Whether a sub-switch value turns its modifier on (``loss_weighting`` is on unless ``"constant"``)."""
     return value != "constant" if key == "loss_weighting" else bool(value)
-
-
-def short_settings(owner: str, prefix: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a built-in's short-key config (flat key minus ``prefix``) and return every short key's value.
-
-    ``EntropyModifier({"enabled": True, "weight": 1.2})`` goes through the same coercion, range and cross-key
-    checks as the flat keys; an unknown short key raises with the closest flat key. ``name`` is passed through.
-    """
-    flat = {prefix + k: v for k, v in dict(config).items() if k != "name"}
-    values = validate_modifier_config(flat, warn_master_switch=False)
-    return {k[len(prefix):]: values[k] for k in section(owner)}

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, masked_summary
-from losskit.modifiers.config_keys import short_settings
-from losskit.modifiers.pipeline import is_rank0, run_standalone
+from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, is_rank0, masked_summary
+from losskit.modifiers.config_keys import EntropySettings
+from losskit.modifiers.standalone import run_standalone
 
 __all__ = ["EntropyModifier", "entropy_batch_weight", "position_entropy", "sample_entropy"]
 
@@ -94,9 +94,9 @@ def entropy_batch_weight(
 class EntropyModifier(BaseLossModifier):
     """Phase-2 weight producer: the batch scalar β (or per-sample ``e_i``) from the wrong-answer entropy.
 
-    Config (short keys; the flat keys carry the prefix ``entropy_modifier_``): ``enabled=False``, ``weight=1.0``,
-    ``threshold=0.0``, ``eps=1e-8``, ``use_for_weighting=True`` (True only), ``debug=False``,
-    ``per_sample=False``, ``differentiable_weights=False``.
+    Config: ``EntropySettings`` (parsed once, e.g. by the factory), or seed 000's dict of short keys (the flat keys
+    carry the prefix ``entropy_modifier_``): ``enabled=False``, ``weight=1.0``, ``threshold=0.0``, ``eps=1e-8``,
+    ``use_for_weighting=True`` (True only), ``debug=False``, ``per_sample=False``, ``differentiable_weights=False``.
 
     Used standalone, ``modify_loss(logits, targets, loss, mask=..., ignore_index=-100)`` equals a pipeline holding
     only this modifier: ``β · (token-mean CE)``. β is detached unless ``differentiable_weights=True``.
@@ -110,17 +110,17 @@ class EntropyModifier(BaseLossModifier):
     canonical_rank = 0
     PREFIX = "entropy_modifier_"
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
-        s = short_settings(type(self).__name__, self.PREFIX, self.config)
+    def __init__(self, config: EntropySettings | Mapping[str, Any] | None = None):
+        s = config if isinstance(config, EntropySettings) else EntropySettings.from_short(config)
+        super().__init__(config if isinstance(config, Mapping) else s.short())
         self.settings = s
-        self.enabled = s["enabled"]
-        self.weight = s["weight"]
-        self.threshold = s["threshold"]
-        self.eps = s["eps"]
-        self.debug = s["debug"]
-        self.per_sample = s["per_sample"]
-        self.differentiable_weights = s["differentiable_weights"]
+        self.enabled = s.enabled
+        self.weight = s.weight
+        self.threshold = s.threshold
+        self.eps = s.eps
+        self.debug = s.debug
+        self.per_sample = s.per_sample
+        self.differentiable_weights = s.differentiable_weights
 
     def weights(self, ctx: ModifierContext) -> Weights:
         stats = ctx.stats

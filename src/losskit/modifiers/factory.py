@@ -1,8 +1,8 @@
 """``create_loss_modifier_pipeline(config)`` and ``register_modifier`` (seed 000, spec/modifiers.md §3.1, §3.10).
 
-The factory validates the flat keys once (``config_keys.validate_modifier_config``), builds the enabled built-ins in
-canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight), then the enabled registered user classes,
-then appends ``extra_modifiers``. Keys that are not modifier-shaped (trainer keys, the seed's ``custom_param``) are
+The factory takes the settings parsed once at the edge (``config_keys.parse_modifier_config``; a raw config is parsed
+here), builds the enabled built-ins in canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight), then
+the enabled registered user classes, then appends ``extra_modifiers``. Keys that are not modifier-shaped (trainer keys, the seed's ``custom_param``) are
 ignored here.
 """
 
@@ -13,20 +13,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from losskit.contract import ConfigError
-from losskit.modifiers.base import BaseLossModifier
+from losskit.modifiers.base import BaseLossModifier, is_rank0
 from losskit.modifiers.config_keys import (
-    MASTER_SWITCH,
     MODIFIER_CONFIG_KEYS,
-    SUB_SWITCHES,
-    config_to_dict,
-    literal_value,
-    section,
-    switch_on,
-    validate_modifier_config,
+    EntropySettings,
+    MaskRatioSettings,
+    ModifierSettings,
+    SmoothingSettings,
+    SNRSettings,
+    parse_modifier_config,
 )
 from losskit.modifiers.entropy import EntropyModifier
 from losskit.modifiers.mask_ratio import MaskRatioWeightModifier
-from losskit.modifiers.pipeline import LossModifierPipeline, is_rank0
+from losskit.modifiers.pipeline import LossModifierPipeline
 from losskit.modifiers.smoothing import TargetSmoothingModifier
 from losskit.modifiers.snr import SNRWeightModifier
 
@@ -64,17 +63,17 @@ def registered_modifiers() -> dict[str, type[BaseLossModifier]]:
     return dict(_REGISTRY)
 
 
-def _strip(values: Mapping[str, Any], owner: str, prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in values.items() if k in section(owner)}
-
-
-def _snr_modifier(values: Mapping[str, Any]) -> BaseLossModifier:
-    # SNRWeightModifier (spec/diffusion.md §8) takes its flat keys unstripped: they share no prefix
-    return SNRWeightModifier({k: values[k] for k in section("SNRWeightModifier")})
+#: The built-in modifier of each settings class, in canonical order.
+_BUILTINS: tuple[tuple[type, type[BaseLossModifier]], ...] = (
+    (EntropySettings, EntropyModifier),
+    (SmoothingSettings, TargetSmoothingModifier),
+    (MaskRatioSettings, MaskRatioWeightModifier),
+    (SNRSettings, SNRWeightModifier),
+)
 
 
 def create_loss_modifier_pipeline(
-    config: Mapping[str, Any] | Any,
+    config: ModifierSettings | Mapping[str, Any] | Any,
     *,
     extra_modifiers: Iterable[BaseLossModifier] = (),
     verbose: bool = True,
@@ -83,29 +82,32 @@ def create_loss_modifier_pipeline(
     """Build the pipeline a flat config describes.
 
     Args:
-        config: dict or attribute object with the flat keys (``loss_modifiers_enabled``, ``entropy_modifier_*``,
-            ``target_smoothing_*``, ``mask_ratio_weight_*``, the SNR keys and registered prefixes). Values may be
-            strings (``"0,1,2"``); other keys are ignored.
+        config: ``ModifierSettings`` already parsed at the edge (``parse_modifier_config``: no second parse, no
+            second warning), or a dict / attribute object with the flat keys (``loss_modifiers_enabled``,
+            ``entropy_modifier_*``, ``target_smoothing_*``, ``mask_ratio_weight_*``, the SNR keys and registered
+            prefixes), parsed here. Values may be strings (``"0,1,2"``); other keys are ignored.
         extra_modifiers: modifier instances appended after the built-ins (the seed's ``CustomModifier``).
         verbose: print ``describe()`` once on rank 0 when any modifier is enabled.
         input_checks: ``"immediate"`` or ``"deferred"`` (see ``LossModifierPipeline``).
 
     Raises:
-        ConfigError: unknown modifier-shaped key, bad value, or a conflict (spec/modifiers.md §3.10).
+        ConfigError: unknown modifier-shaped key, bad value, or a conflict.
     """
-    raw = config_to_dict(config)
-    values = validate_modifier_config(raw, prefixes=tuple(_REGISTRY))
+    if isinstance(config, ModifierSettings):
+        settings = config
+    else:
+        settings = parse_modifier_config(config, prefixes=tuple(_REGISTRY))
     pipe = LossModifierPipeline(input_checks=input_checks)
-    if values[MASTER_SWITCH]:
-        for cls in (EntropyModifier, TargetSmoothingModifier, MaskRatioWeightModifier):
-            if values[SUB_SWITCHES[cls.__name__]]:
-                pipe.add_modifier(cls(_strip(values, cls.__name__, cls.PREFIX)))
-        if switch_on("loss_weighting", values["loss_weighting"]):
-            pipe.add_modifier(_snr_modifier(values))
+    if settings.enabled:
+        by_type = {type(b): b for b in settings.builtins}
+        for settings_cls, cls in _BUILTINS:
+            if by_type[settings_cls].enabled:
+                pipe.add_modifier(cls(by_type[settings_cls]))
+        registered = dict(settings.registered)
         for prefix, cls in _REGISTRY.items():
-            sub = {k[len(prefix):]: literal_value(v) for k, v in raw.items() if k.startswith(prefix)}
+            sub = registered.get(prefix)
             if sub:
-                mod = cls(sub)
+                mod = cls(dict(sub))
                 if mod.is_enabled():
                     pipe.add_modifier(mod)
     for mod in extra_modifiers:
@@ -113,7 +115,7 @@ def create_loss_modifier_pipeline(
     if not pipe.is_empty():
         if verbose and is_rank0():
             print(pipe.describe())
-    elif values[MASTER_SWITCH]:
+    elif settings.enabled:
         warnings.warn("loss_modifiers_enabled=True but no loss modifier is enabled; the loss is unchanged",
                       UserWarning, stacklevel=2)
     return pipe

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, masked_summary
-from losskit.modifiers.config_keys import short_settings
-from losskit.modifiers.pipeline import run_standalone
+from losskit.modifiers.config_keys import MaskRatioSettings
+from losskit.modifiers.standalone import run_standalone
 
 __all__ = ["MaskRatioWeightModifier", "mask_ratio_weights"]
 
@@ -52,8 +52,9 @@ def mask_ratio_weights(
 class MaskRatioWeightModifier(BaseLossModifier):
     """Phase-2 weight producer: sequence weights ``w_i`` from the mask ratio, and the sequence-mean reduction.
 
-    Config (short keys; flat keys carry the prefix ``mask_ratio_weight_``): ``enabled=False``, ``power=0.5``
-    (>= 0), ``min=0.1``, ``max=10.0`` (``0 < min <= max``), ``eps=1e-8`` (>= 0).
+    Config: ``MaskRatioSettings``, or seed 000's dict of short keys (flat keys carry the prefix
+    ``mask_ratio_weight_``): ``enabled=False``, ``power=0.5`` (>= 0), ``min=0.1``, ``max=10.0``
+    (``0 < min <= max``), ``eps=1e-8`` (>= 0).
 
     Standalone, ``modify_loss(logits, targets, loss, ...)`` equals a pipeline holding only this modifier.
 
@@ -66,15 +67,15 @@ class MaskRatioWeightModifier(BaseLossModifier):
     canonical_rank = 2
     PREFIX = "mask_ratio_weight_"
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
-        s = short_settings(type(self).__name__, self.PREFIX, self.config)
+    def __init__(self, config: MaskRatioSettings | Mapping[str, Any] | None = None):
+        s = config if isinstance(config, MaskRatioSettings) else MaskRatioSettings.from_short(config)
+        super().__init__(config if isinstance(config, Mapping) else s.short())
         self.settings = s
-        self.enabled = s["enabled"]
-        self.power = s["power"]
-        self.min = s["min"]
-        self.max = s["max"]
-        self.eps = s["eps"]
+        self.enabled = s.enabled
+        self.power = s.power
+        self.min = s.min
+        self.max = s.max
+        self.eps = s.eps
 
     def weights(self, ctx: ModifierContext) -> Weights:
         dtype = ctx.per_token_loss.dtype if ctx.per_token_loss is not None else None

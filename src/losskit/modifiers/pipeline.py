@@ -52,9 +52,6 @@ __all__ = [
     "INPUT_CHECKS",
     "MISMATCH_MESSAGE",
     "LossModifierPipeline",
-    "is_rank0",
-    "run_standalone",
-    "standalone_pipeline",
 ]
 
 INPUT_CHECKS: tuple[str, ...] = ("immediate", "deferred")
@@ -64,12 +61,6 @@ MISMATCH_MESSAGE = (
     "balance loss) after the pipeline"
 )
 _RECOGNISED = ("mask", "ignore_index", "step_counts", "iter_num")
-
-
-def is_rank0() -> bool:
-    """Whether this process prints and logs: rank 0 under ``torch.distributed``, or no process group at all."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def _describe_value(out: Any) -> str:
@@ -336,8 +327,7 @@ class LossModifierPipeline:
                                           step_counts=None if step_counts is None else step_counts.base())
             bad = stats.bad
             for m in mods:
-                rows = getattr(m, "bad_rows", None)
-                extra_bad = rows(ctx) if rows is not None else None
+                extra_bad = m.bad_rows(ctx)
                 if extra_bad is not None:
                     bad = bad | extra_bad
             bad = bad.any()
@@ -430,25 +420,5 @@ class LossModifierPipeline:
         check_target_range(targets, valid, num_classes)
         check_finite_logits(logits, targets, valid)
         for m in mods:
-            explain = getattr(m, "explain_bad", None)
-            if explain is not None:
-                explain(logits, targets, valid)
+            m.explain_bad(logits, targets, valid)
         raise LossInputError("logits: non-finite statistics (NaN/inf) in valid rows; expected finite values")
-
-
-def standalone_pipeline(modifier: BaseLossModifier) -> LossModifierPipeline:
-    """The pipeline holding only ``modifier``, built at the first standalone call and cached on the instance."""
-    pipe = modifier.__dict__.get("_standalone_pipeline")
-    if pipe is None:
-        pipe = LossModifierPipeline()
-        pipe.modifiers.append(modifier)  # keep the modifier's own name (no duplicate suffixing)
-        modifier.__dict__["_standalone_pipeline"] = pipe
-    return pipe
-
-
-def run_standalone(modifier: BaseLossModifier, logits: torch.Tensor, targets: torch.Tensor,
-                   loss: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
-    """A built-in's own ``modify_loss``: exactly a pipeline holding only that modifier (spec/modifiers.md §3.1)."""
-    if not modifier.is_enabled():
-        return loss
-    return standalone_pipeline(modifier).modify_loss(logits, targets, loss, **kwargs)

@@ -24,8 +24,8 @@ import torch
 from losskit.contract import ConfigError, check_finite_logits
 from losskit.kernels.rowmath import smoothed_nll
 from losskit.modifiers.base import BaseLossModifier, ModifierContext
-from losskit.modifiers.config_keys import short_settings
-from losskit.modifiers.pipeline import run_standalone
+from losskit.modifiers.config_keys import SmoothingSettings
+from losskit.modifiers.standalone import run_standalone
 
 __all__ = ["TargetSmoothingModifier", "smoothed_token_loss"]
 
@@ -62,9 +62,9 @@ def smoothed_token_loss(
 class TargetSmoothingModifier(BaseLossModifier):
     """Phase-1 per-token loss producer: label smoothing with special ids.
 
-    Config (short keys; flat keys carry the prefix ``target_smoothing_``): ``enabled=False``, ``factor=0.1``
-    (``[0, 1)``), ``special_tokens=[]`` (ids in ``[0, V)``, checked at the first call), ``exclude_padding=True``,
-    ``padding_token=-100``, ``convention="torch"``.
+    Config: ``SmoothingSettings``, or seed 000's dict of short keys (flat keys carry the prefix
+    ``target_smoothing_``): ``enabled=False``, ``factor=0.1`` (``[0, 1)``), ``special_tokens=[]`` (ids in ``[0, V)``,
+    checked at the first call), ``exclude_padding=True``, ``padding_token=-100``, ``convention="torch"``.
 
     Standalone, ``modify_loss(logits, targets, loss, ...)`` equals a pipeline holding only this modifier: the token
     mean of the smoothed CE over ``m``.
@@ -78,16 +78,16 @@ class TargetSmoothingModifier(BaseLossModifier):
     canonical_rank = 1
     PREFIX = "target_smoothing_"
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
-        s = short_settings(type(self).__name__, self.PREFIX, self.config)
+    def __init__(self, config: SmoothingSettings | Mapping[str, Any] | None = None):
+        s = config if isinstance(config, SmoothingSettings) else SmoothingSettings.from_short(config)
+        super().__init__(config if isinstance(config, Mapping) else s.short())
         self.settings = s
-        self.enabled = s["enabled"]
-        self.factor = s["factor"]
-        self.special_tokens = list(s["special_tokens"])
-        self.exclude_padding = s["exclude_padding"]
-        self.padding_token = s["padding_token"]
-        self.convention = s["convention"]
+        self.enabled = s.enabled
+        self.factor = s.factor
+        self.special_tokens = list(s.special_tokens)
+        self.exclude_padding = s.exclude_padding
+        self.padding_token = s.padding_token
+        self.convention = s.convention
         self._ids: dict[torch.device, torch.Tensor] = {}
 
     # ---- hooks ------------------------------------------------------------------------------------------------

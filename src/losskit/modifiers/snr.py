@@ -22,18 +22,12 @@ from typing import Any
 
 import torch
 
-from losskit.contract import ConfigError, LossInputError
+from losskit.contract import LossInputError
 from losskit.functional import reduce
-from losskit.functional.diffusion import (
-    SNR_GUARD,
-    check_convention,
-    loss_weight,
-    sangoi_mape,
-    sangoi_weight_from_mape,
-)
+from losskit.functional.diffusion import SNR_GUARD, loss_weight, sangoi_mape, sangoi_weight_from_mape
 from losskit.modifiers.base import BaseLossModifier, ModifierContext, Weights, masked_summary
-from losskit.modifiers.config_keys import coerce_value, section, unknown_key_message
-from losskit.modifiers.pipeline import standalone_pipeline
+from losskit.modifiers.config_keys import SNRSettings
+from losskit.modifiers.standalone import standalone_pipeline
 
 __all__ = ["SNRWeightModifier"]
 
@@ -44,7 +38,7 @@ _SANGOI_MIN_SNR, _SANGOI_MAX_SNR = 1e-4, 100.0
 class SNRWeightModifier(BaseLossModifier):
     """Phase-2 weight producer: per-example weights ``w_i`` from the log-SNR (and, for Sangoi, the prediction).
 
-    Config (flat keys, unstripped; spec/diffusion.md §8): ``loss_weighting="constant"`` (``constant``, ``sangoi``,
+    Config: ``SNRSettings``, or a dict of the flat keys (unstripped): ``loss_weighting="constant"`` (``constant``, ``sangoi``,
     ``min_snr``, ``debiased``, ``p2``, ``sd3_sigma_sqrt``, ``sd3_cosmap``, ``edm``), ``min_snr_gamma=5.0``,
     ``p2_gamma=1.0``, ``p2_k=1.0``, ``snr_clamp_min=None``, ``snr_clamp_max=None``, ``prediction_type="epsilon"``,
     ``weighting_convention="reference"``, ``edm_sigma_data=0.5``, ``loss_weighting_differentiable_weights=False``.
@@ -62,42 +56,24 @@ class SNRWeightModifier(BaseLossModifier):
     requires_logits = False
     canonical_rank = 3
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
-        keys = section(type(self).__name__)
-        for key in self.config:
-            if key not in keys and key != "name":
-                raise ConfigError(unknown_key_message(key, keys))
-        s = {k: coerce_value(k, self.config.get(k, spec.default), spec) for k, spec in keys.items()}
+    def __init__(self, config: SNRSettings | Mapping[str, Any] | None = None):
+        s = config if isinstance(config, SNRSettings) else SNRSettings.from_short(config)
+        super().__init__(config if isinstance(config, Mapping) else s.short())
         self.settings = s
-        self.scheme: str = s["loss_weighting"]
-        self.enabled = self.scheme != "constant"
-        self.prediction_type: str = s["prediction_type"]
-        self.convention: str = s["weighting_convention"]
-        lo, hi = s["snr_clamp_min"], s["snr_clamp_max"]
-        if lo is not None and hi is not None and lo > hi:
-            raise ConfigError(f"snr_clamp_min must be <= snr_clamp_max, got min={lo!r} > max={hi!r}")
-        if s["loss_weighting_differentiable_weights"] and self.scheme != "sangoi":
-            raise ConfigError(
-                "loss_weighting_differentiable_weights=True applies to loss_weighting='sangoi' only (the other "
-                f"schemes depend only on the SNR), got loss_weighting={self.scheme!r}"
-            )
-        self.differentiable_weights = bool(s["loss_weighting_differentiable_weights"])
-        self.last_weights: torch.Tensor | None = None
-        try:
-            check_convention(self.scheme, self.prediction_type, self.convention, p2_k=s["p2_k"])
-        except LossInputError as exc:
-            raise ConfigError(
-                f"weighting_convention={self.convention!r} does not define loss_weighting={self.scheme!r} with "
-                f"prediction_type={self.prediction_type!r}: {exc}"
-            ) from None
+        self.scheme: str = s.loss_weighting
+        self.enabled = s.enabled
+        self.prediction_type: str = s.prediction_type
+        self.convention: str = s.weighting_convention
+        self.differentiable_weights = s.loss_weighting_differentiable_weights
+        self.last_weights = None
+        lo, hi = s.snr_clamp_min, s.snr_clamp_max
         common = {"snr_clamp_min": lo, "snr_clamp_max": hi}
         self._params: dict[str, Any] = {
             "constant": common,
-            "min_snr": {"gamma": s["min_snr_gamma"], **common},
+            "min_snr": {"gamma": s.min_snr_gamma, **common},
             "debiased": common,
-            "p2": {"gamma": s["p2_gamma"], "k": s["p2_k"], **common},
-            "edm": {"sigma_data": s["edm_sigma_data"], **common},
+            "p2": {"gamma": s.p2_gamma, "k": s.p2_k, **common},
+            "edm": {"sigma_data": s.edm_sigma_data, **common},
             "sd3_sigma_sqrt": common,
             "sd3_cosmap": common,
             "sangoi": common,
