@@ -1,13 +1,12 @@
-"""Shared pieces of the built-in modifiers: ``masked_summary`` (their metric shape) and the standalone pipeline."""
+"""Shared pieces of the built-in modifiers (``base.py``): ``masked_summary`` (their metric shape) and the optional
+hooks declared on ``BaseLossModifier``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from losskit.modifiers import EntropyModifier, SNRWeightModifier
 from losskit.modifiers.base import masked_summary
-from losskit.modifiers.standalone import standalone_pipeline
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (1, 1)])
@@ -30,20 +29,6 @@ def test_masked_summary_of_an_empty_selection_is_zero():
     x = torch.tensor([1.0, float("inf"), -2.0])
     out = masked_summary(x, torch.zeros(3, dtype=torch.bool))
     assert [float(v) for v in out] == [0.0, 0.0, 0.0, 0.0]
-
-
-def test_standalone_pipeline_is_built_once_and_keeps_the_name():
-    mod = EntropyModifier({"enabled": True, "name": "ent"})
-    pipe = standalone_pipeline(mod)
-    assert standalone_pipeline(mod) is pipe
-    assert [m.name for m in pipe] == ["ent"]
-    logits = torch.randn(2, 3, 5, dtype=torch.float64)
-    targets = torch.randint(0, 5, (2, 3))
-    assert torch.equal(mod.modify_loss(logits, targets, None), pipe.modify_loss(logits, targets, None))
-    snr = SNRWeightModifier({"loss_weighting": "min_snr"})
-    x = torch.randn(4, 3, dtype=torch.float64)
-    snr.modify_loss(x, torch.zeros_like(x), log_snr=torch.linspace(-2, 2, 4, dtype=torch.float64))
-    assert [m.name for m in standalone_pipeline(snr)] == ["SNRWeightModifier"]
 
 
 def test_optional_hooks_are_declared_on_the_base_class():

@@ -1,15 +1,16 @@
-"""LossModifierPipeline and the built-ins end to end (spec/modifiers.md §3, acceptance 2–6, 11–15, 17, 18, 20, 21).
+"""LossModifierPipeline (spec/modifiers.md §3, acceptance 5, 6, 11, 13–15, 17, 18, 20): composition of the built-ins,
+the phases, global_tokens, input checks and the element-wise entry.
 
 Every number comes from the spec's worked examples (computed in float64); every composition is checked against the
-plain-torch oracle of ``oracle.py`` (dense log_softmax, no losskit code).
+plain-torch oracle of ``oracle.py`` (dense log_softmax, no losskit code). Each built-in's own tests live in the file
+of its stem (``test_entropy.py``, ``test_smoothing.py``, ``test_mask_ratio.py``, ``test_standalone.py``,
+``test_factory.py``); the shared inputs in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
-import math
 import warnings
 
 import pytest
@@ -27,89 +28,25 @@ from losskit.modifiers import (
     TargetSmoothingModifier,
     Weights,
     create_loss_modifier_pipeline,
-    entropy_batch_weight,
-    register_modifier,
-    unregister_modifier,
 )
 
 from . import oracle
-
-F64 = torch.float64
-HAS_TRITON = (importlib.util.find_spec("triton") is not None
-              and importlib.util.find_spec("losskit.kernels.triton") is not None)
-IMPLS_F64 = ["torch", "chunked"]
-IMPLS_F32 = ["torch", "chunked"] + (["triton"] if HAS_TRITON else [])
-
-ENT = {"entropy_modifier_enabled": True, "entropy_modifier_threshold": 0.5}
-SMO = {"target_smoothing_enabled": True, "target_smoothing_factor": 0.1}
-MR = {"mask_ratio_weight_enabled": True}
-
-
-def pipe_of(*parts, input_checks="immediate", **extra):
-    cfg = {"loss_modifiers_enabled": bool(parts)}
-    for p in parts:
-        cfg.update(p)
-    cfg.update(extra)
-    return create_loss_modifier_pipeline(cfg, verbose=False, input_checks=input_checks)
-
-
-def seed_logits(dtype=F64, grad=False):
-    x = torch.tensor([[[2, 1, 4, .5], [0, 3, 0, 0]], [[1, 0, 0, 5], [.5, .5, .5, .5]]], dtype=dtype)
-    return x.requires_grad_(grad)
-
-
-SEED_TARGETS = torch.tensor([[2, 1], [0, 3]])
-COMPOSE_TARGETS = torch.tensor([[2, 1], [0, -100]])
-
-
-def mask_ratio_example(dtype=F64):
-    """Acceptance 4: V = 8, each valid row's CE is exactly L (2.0 in row 1, 1.0 in row 2)."""
-    targets = torch.tensor([[5, -100, -100, -100], [3, 4, 1, 2]])
-    logits = torch.zeros(2, 4, 8, dtype=dtype)
-    for i, big_l in enumerate([2.0, 1.0]):
-        other = math.log((math.exp(big_l) - 1) / 7)
-        logits[i] = other
-        for t in range(4):
-            if targets[i, t] >= 0:
-                logits[i, t, targets[i, t]] = 0.0
-    return logits, targets
-
-
-# ---- acceptance 2: the pure batch-weight function -----------------------------------------------------------------
-
-def test_entropy_batch_weight_seed_examples():
-    h = torch.tensor([0.2, 0.6, 1.0, 0.4], dtype=F64)
-    assert entropy_batch_weight(h, threshold=0.5, weight=1).item() == pytest.approx(0.65, rel=1e-12)
-    torch.testing.assert_close(entropy_batch_weight(h, threshold=0.5, weight=1, per_sample=True),
-                               torch.tensor([0.5, 0.6, 1.0, 0.5], dtype=F64), rtol=1e-12, atol=0)
-    beta = entropy_batch_weight([0.8, 0.4], threshold=0.5, weight=1.0)
-    assert beta.item() == pytest.approx(0.65, rel=1e-6)
-    assert (2.0 * beta).item() == pytest.approx(1.3, rel=1e-6)
-    # empty samples are excluded, and `weight` really scales
-    got = entropy_batch_weight(torch.tensor([0.8, 9.0, 0.4], dtype=F64), 0.5, 2.0,
-                               sample_valid=torch.tensor([True, False, True]))
-    assert got.item() == pytest.approx(1.3, rel=1e-12)
-
-
-# ---- acceptance 3: the seed batch end to end ----------------------------------------------------------------------
-
-@pytest.mark.parametrize("impl", IMPLS_F64)
-def test_seed_batch_entropy_end_to_end(impl):
-    pipe = pipe_of(ENT)
-    out = pipe.compute(seed_logits(), SEED_TARGETS, impl=impl)
-    assert out.loss.item() == pytest.approx(1.144269, abs=1e-6)
-    assert out.loss_raw.item() == pytest.approx(1.437951, abs=1e-6)
-    m = pipe.get_all_metrics()
-    expected = {"mean_entropy": 0.795763, "max_entropy": 1.098612, "min_entropy": 0.079869,
-                "entropy_std": 0.420738, "entropy_weight": 0.795763}
-    assert set(m) == {f"loss_modifiers/EntropyModifier.{k}" for k in expected}
-    for k, v in expected.items():
-        assert m[f"loss_modifiers/EntropyModifier.{k}"].item() == pytest.approx(v, abs=1e-6), k
-    # the intermediate values of the spec: H(q) per position and H̄ per sample
-    stats = kernels.token_stats(seed_logits(), SEED_TARGETS, impl=impl)
-    torch.testing.assert_close(stats.wrong_entropy, torch.tensor([[0.905959, 1.098612], [0.079869, 1.098612]],
-                                                                 dtype=F64), atol=1e-6, rtol=0)
-    assert out.loss.item() == pytest.approx(0.795763 * 1.437951, abs=2e-6)
+from .conftest import (
+    COMPOSE_TARGETS,
+    ENT,
+    F64,
+    IMPLS_F32,
+    IMPLS_F64,
+    MR,
+    PARTS,
+    SMO,
+    CustomModifier,
+    _bad_case,
+    mask_ratio_example,
+    pipe_of,
+    random_batch,
+    seed_logits,
+)
 
 
 @pytest.mark.parametrize("impl", IMPLS_F32)
@@ -118,31 +55,12 @@ def test_seed_batch_fp32_every_impl(impl):
     assert out.loss.item() == pytest.approx(2.259536, abs=2e-6)
 
 
-# ---- acceptance 4: the mask-ratio seed example --------------------------------------------------------------------
-
-@pytest.mark.parametrize("impl", IMPLS_F64)
-def test_mask_ratio_seed_example(impl):
-    logits, targets = mask_ratio_example()
-    exact = pipe_of(MR, mask_ratio_weight_eps=0.0).compute(logits, targets, impl=impl)
-    assert abs(exact.loss.item() - 2.5) <= 1e-12 * 2.5
-    assert exact.loss_raw.item() == pytest.approx(1.2, rel=1e-12)
-    pipe = pipe_of(MR)
-    default = pipe.compute(logits, targets, impl=impl).loss.item()
-    assert abs(default - 2.49999996) < 1e-7 and default != 2.5
-    m = pipe.get_all_metrics()
-    expected = {"mean_mask_ratio": 0.625, "min_mask_ratio": 0.25, "max_mask_ratio": 1.0, "mean_weight": 1.5,
-                "min_weight": 1.0, "max_weight": 2.0, "weight_std": 0.5}
-    for k, v in expected.items():
-        assert m[f"loss_modifiers/MaskRatioWeightModifier.{k}"].item() == pytest.approx(v, abs=1e-7), k
-
-
 # ---- acceptance 5: composition with a non-uniform mask ------------------------------------------------------------
 
 SINGLES_AND_PAIRS = {
     ("S",): 1.584337, ("E",): 1.093041, ("M",): 2.934111,
     ("E", "S"): 1.190063, ("S", "M"): 3.008130, ("E", "M"): 2.203936, ("E", "S", "M"): 2.259536,
 }
-PARTS = {"E": ENT, "S": SMO, "M": MR}
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-8])
@@ -191,22 +109,6 @@ def test_composition_intermediates_and_order():
 
 
 # ---- acceptance 6: random composition against the hand formula ----------------------------------------------------
-
-def random_batch(dtype, seed=0, b=6, t=9, v=37):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(b, t, v, generator=g, dtype=F64) * 2).to(dtype)
-    targets = torch.randint(0, v, (b, t), generator=g)
-    counts = [0, 1, 3, 5, 9, 7][:b]
-    for i, c in enumerate(counts):
-        targets[i, c:] = -100
-    targets[3, 1] = 0  # the padding token (excluded by smoothing's exclude_padding)
-    targets[4, 2] = 1  # special (hard) targets
-    targets[4, 5] = 2
-    mask = torch.ones(b, t, dtype=torch.bool)
-    mask[5, 0] = False
-    mask[4, 8] = False
-    return logits, targets, mask
-
 
 SUBSETS = [c for r in range(4) for c in itertools.combinations("ESM", r)]
 
@@ -279,25 +181,6 @@ def test_gradcheck_full_pipeline_detached_weights(impl):
     assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
 
 
-def test_detached_gradient_is_beta_times_smoothed_gradient():
-    logits, targets, mask = random_batch(F64, seed=5)
-    x1 = logits.clone().requires_grad_(True)
-    pipe = pipe_of(ENT, SMO)
-    pipe.compute(x1, targets, mask=mask).loss.backward()
-    beta = pipe.get_all_metrics()["loss_modifiers/EntropyModifier.entropy_weight"]
-    x2 = logits.clone().requires_grad_(True)
-    pipe_of(SMO).compute(x2, targets, mask=mask).loss.backward()
-    torch.testing.assert_close(x1.grad, beta * x2.grad, rtol=1e-12, atol=1e-15)
-    # differentiable weights: a different gradient, equal to the hand formula without detaching
-    x3 = logits.clone().requires_grad_(True)
-    pipe_of(ENT, SMO, entropy_modifier_differentiable_weights=True).compute(x3, targets, mask=mask).loss.backward()
-    assert (x3.grad - x1.grad).norm() > 1e-3 * x1.grad.norm()
-    x4 = logits.clone().requires_grad_(True)
-    oracle.hand_loss(x4, targets, mask=mask, entropy={"threshold": 0.5}, smoothing={"factor": 0.1},
-                     detach=False).backward()
-    torch.testing.assert_close(x3.grad, x4.grad, rtol=1e-10, atol=1e-13)
-
-
 # ---- acceptance 13: empty samples ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -353,23 +236,6 @@ def test_all_invalid_batch(entry):
 
 # ---- acceptance 15: bad input in both modes -----------------------------------------------------------------------
 
-def _bad_case(kind):
-    logits = torch.randn(2, 3, 6, dtype=F64)
-    targets = torch.tensor([[1, 2, 3], [4, 5, -100]])
-    if kind == "nan":
-        logits[1, 1, 0] = float("nan")
-    elif kind == "pinf":
-        logits[1, 1, 0] = float("inf")
-    elif kind == "ninf_target":
-        logits[1, 1, 5] = float("-inf")
-    elif kind == "ninf_other":
-        logits[1, 1, 0] = float("-inf")
-    elif kind == "target_range":
-        targets[1, 1] = 6
-    logits[1, 2] = float("nan")  # ignored row: never an error
-    return logits, targets
-
-
 @pytest.mark.parametrize(("kind", "needles"), [
     ("nan", ["logits", "NaN", "(b=1, t=1)"]),
     ("pinf", ["logits", "inf", "(b=1, t=1)"]),
@@ -398,25 +264,6 @@ def test_bad_input_deferred_sets_flag(kind, entry):
     assert isinstance(out, ModifiedLoss)
     assert out.bad.dim() == 0 and out.bad.dtype == torch.bool and bool(out.bad)
     assert pipe.last_bad is out.bad
-
-
-def test_minus_inf_outside_target_depends_on_smoothing():
-    logits, targets = _bad_case("ninf_other")
-    for pipe in (pipe_of(ENT, MR), pipe_of(SMO, target_smoothing_factor=0.0)):
-        out = pipe.compute(logits, targets)
-        assert torch.isfinite(out.loss) and not bool(out.bad)
-    with pytest.raises(LossInputError, match="target_smoothing_special_tokens"):
-        pipe_of(SMO).compute(logits, targets)
-    assert bool(pipe_of(SMO, input_checks="deferred").compute(logits, targets).bad)
-    # excluding the column from the support makes it legal again
-    out = pipe_of(SMO, target_smoothing_special_tokens=[0]).compute(logits, targets)
-    assert torch.isfinite(out.loss)
-
-
-def test_special_id_out_of_range_raises_at_first_call():
-    pipe = pipe_of(SMO, target_smoothing_special_tokens=[0, 6])
-    with pytest.raises(ConfigError, match=r"target_smoothing_special_tokens must hold ids in \[0, V=6\), got \[6\]"):
-        pipe.compute(torch.randn(2, 3, 6), torch.zeros(2, 3, dtype=torch.long))
 
 
 # ---- acceptance 17: zero overhead ---------------------------------------------------------------------------------
@@ -515,46 +362,7 @@ def _cuda_sync_error():
         torch.cuda.set_sync_debug_mode("default")
 
 
-# ---- acceptance 20: the seed's custom modifier --------------------------------------------------------------------
-
-class CustomModifier(BaseLossModifier):
-    """Verbatim from seed 000 (only the import path differs)."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.custom_param = config.get('custom_param', 1.0)
-
-    def modify_loss(self, logits, targets, loss, **kwargs):
-        if not self.enabled:
-            return loss
-
-        # Your custom loss modification logic here
-        modified_loss = loss * self.custom_param
-
-        # Store metrics for monitoring
-        self._metrics = {
-            'custom_metric': modified_loss.item(),
-        }
-
-        return modified_loss
-
-    def get_metrics(self):
-        return self._metrics.copy()
-
-
-def test_seed_custom_modifier_after_mask_ratio(capsys):
-    logits, targets = mask_ratio_example()
-    custom = CustomModifier({"enabled": True, "custom_param": 2.0})
-    pipe = create_loss_modifier_pipeline({"loss_modifiers_enabled": True, "mask_ratio_weight_enabled": True,
-                                          "mask_ratio_weight_eps": 0.0, "custom_param": 2.0},
-                                         extra_modifiers=[custom])
-    assert capsys.readouterr().out == "Enabled loss modifiers: MaskRatioWeightModifier, CustomModifier\n"
-    loss = pipe.modify_loss(logits, targets, None)
-    assert loss.item() == pytest.approx(5.0, rel=1e-12)
-    metrics = pipe.get_all_metrics()
-    assert metrics["loss_modifiers/CustomModifier.custom_metric"] == pytest.approx(5.0, rel=1e-12)
-    assert "loss_modifiers/MaskRatioWeightModifier.mean_weight" in metrics
-
+# ---- acceptance 20: what phase 4 receives and returns -------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["vector", "dict", "float"])
 def test_custom_modifier_must_return_a_scalar_tensor(bad):
@@ -588,29 +396,6 @@ def test_phase4_receives_the_documented_kwargs():
     assert seen["iter_num"] == 7 and seen["my_extra"] == "x" and seen["loss"] is out
     assert torch.equal(seen["mask"], targets != -100)
     assert seen["per_token_loss"].shape == (2, 4)
-
-
-# ---- acceptance 21: a built-in standalone equals a pipeline holding only it ---------------------------------------
-
-@pytest.mark.parametrize("which", ["E", "S", "M"])
-@pytest.mark.parametrize("case", ["seed", "compose", "mask_ratio"])
-def test_standalone_equals_pipeline(which, case):
-    if case == "mask_ratio":
-        logits, targets = mask_ratio_example()
-    else:
-        logits, targets = seed_logits(), SEED_TARGETS if case == "seed" else COMPOSE_TARGETS
-    short = {"E": (EntropyModifier, {"enabled": True, "threshold": 0.5}),
-             "S": (TargetSmoothingModifier, {"enabled": True, "factor": 0.1}),
-             "M": (MaskRatioWeightModifier, {"enabled": True})}[which]
-    mod = short[0](short[1])
-    alone = mod.modify_loss(logits, targets, None)
-    alone_metrics = mod.get_metrics()
-    via = pipe_of(PARTS[which]).modify_loss(logits, targets, None)
-    assert alone.item() == via.item()
-    assert alone_metrics and all(v.dim() == 0 for v in alone_metrics.values())
-    disabled = short[0]({})
-    sentinel = torch.tensor(1.0)
-    assert disabled.modify_loss(logits, targets, sentinel) is sentinel
 
 
 # ---- global_tokens, names, phases, registration, the element-wise entry -------------------------------------------
@@ -707,33 +492,6 @@ def test_user_weights_hook_phase2_detached_unless_declared():
     assert pipe.get_all_metrics() == {}
 
 
-def test_register_modifier_builds_from_prefixed_keys():
-    class Scale(BaseLossModifier):
-        def __init__(self, config):
-            super().__init__(config)
-            self.factor = config.get("factor", 1.0)
-
-        def modify_loss(self, logits, targets, loss, **kwargs):
-            return loss * self.factor
-
-        def get_metrics(self):
-            return {}
-
-    register_modifier(Scale, "scale_modifier_")
-    try:
-        pipe = create_loss_modifier_pipeline({"loss_modifiers_enabled": True, "scale_modifier_enabled": "True",
-                                              "scale_modifier_factor": "3.0", **MR}, verbose=False)
-        assert [m.name for m in pipe.enabled_modifiers] == ["MaskRatioWeightModifier", "Scale"]
-        logits, targets = mask_ratio_example()
-        assert pipe.modify_loss(logits, targets, None).item() == pytest.approx(3 * 2.49999996, abs=1e-6)
-        with pytest.raises(ConfigError, match="overlaps"):
-            register_modifier(Scale, "entropy_modifier_")
-    finally:
-        unregister_modifier("scale_modifier_")
-    with pytest.raises(ConfigError, match="unknown config key 'scale_modifier_factor'"):
-        create_loss_modifier_pipeline({"scale_modifier_factor": 3.0}, verbose=False)
-
-
 def test_temporarily_disabled_and_incoming_loss_warning():
     logits, targets = mask_ratio_example()
     pipe = pipe_of(MR)
@@ -780,16 +538,6 @@ def test_compute_elementwise():
     torch.testing.assert_close(out.loss_raw, per.mean(), rtol=1e-12, atol=0)
     with pytest.raises(ConfigError, match="EntropyModifier"):
         LossModifierPipeline([EntropyModifier({"enabled": True})]).compute_elementwise(x)
-
-
-def test_entropy_debug_line(caplog):
-    pipe = pipe_of(ENT, entropy_modifier_debug=True)
-    with caplog.at_level("INFO", logger="losskit.modifiers"):
-        pipe.modify_loss(seed_logits(), SEED_TARGETS, None, iter_num=12)
-    (record,) = [r for r in caplog.records if r.name == "losskit.modifiers"]
-    msg = record.getMessage()
-    assert "iter=12" in msg and "valid=4" in msg and "weight=0.795763" in msg and "clamped=0" in msg
-    assert "H_bar[:8]=[1.002286, 0.589241]" in msg
 
 
 def test_incoming_loss_check_uses_the_local_mean_under_global_tokens():
