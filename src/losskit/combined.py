@@ -10,7 +10,7 @@ criterion:
     kwargs: {reduction: mean, p: 1}
 ```
 
-``total = Σ_i w_i · L_i`` in config order, with Python-float weights (spec/temporal.md §4). Criteria whose
+``total = Σ_i w_i · L_i`` in config order, with Python-float weights. Criteria whose
 registry entry needs ``logits``/``target`` get them (plus ``mask`` and ``num_valid_timesteps``); hook-based
 criteria (``EnergyLoss``) get nothing and record through ``recording(model)``. Names resolve through
 ``losskit.registry`` case-insensitively, ignoring ``_`` and ``-``.

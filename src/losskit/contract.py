@@ -40,7 +40,7 @@ EMPTY_BATCH_MESSAGE = "no valid target positions; loss is 0"
 
 @dataclasses.dataclass(frozen=True)
 class TokenStats:
-    """Per-token statistics of one streaming pass over the logits (spec/kernels.md §2.1).
+    """Per-token statistics of one streaming pass over the logits.
 
     Every field has the leading shape of the logits. Float fields are fp32 (fp64 for fp64 logits) and exactly
     0 at invalid rows.
@@ -268,7 +268,7 @@ def check_finite_logits(
 ) -> None:
     """Raise ``LossInputError`` for non-finite logits that would make a loss term non-finite.
 
-    Checked on valid rows only (spec/modifiers.md §1.7): NaN or +inf anywhere raises; -inf is a legal masked
+    Checked on valid rows only: NaN or +inf anywhere raises; -inf is a legal masked
     class except at the target column, or inside the smoothing support when smoothing is on
     (``smoothing_support`` is then the bool (V,) indicator of the support). Reads values (one host sync).
     Targets must already be in range.

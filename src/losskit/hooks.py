@@ -1,4 +1,4 @@
-"""Forward-hook recording of activation energy for ``losskit.losses.EnergyLoss`` (spec/temporal.md §3).
+"""Forward-hook recording of activation energy for ``losskit.losses.EnergyLoss``.
 
 ``EnergyRecorder`` selects modules, installs forward hooks on them, keeps per module one float32 ``(B,)``
 running sum of the per-call energy term (``functional.temporal.energy_term``) plus a Python call count, and
@@ -40,7 +40,7 @@ __all__ = [
     "select_modules",
 ]
 
-# The seed's Conv2d, Linear and ConvTranspose2d, plus Conv1d and Conv3d (spec/temporal.md §9.5).
+# The seed's Conv2d, Linear and ConvTranspose2d, plus Conv1d and Conv3d.
 ENERGY_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 SELECTS: tuple[str, ...] = ("auto", "marked")
 _MARK = "_losskit_monitor_energy"
@@ -81,7 +81,7 @@ def _mark_of(name: str, module: nn.Module) -> bool | None:
 def select_modules(
     model: nn.Module, select: str = "auto", exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
-    """The ``(qualified name, module)`` pairs to hook, in ``named_modules()`` order (spec/temporal.md §3.2).
+    """The ``(qualified name, module)`` pairs to hook, in ``named_modules()`` order.
 
     ``"auto"``: instances of ``ENERGY_MODULE_TYPES`` plus ``monitor_energy``-marked modules, minus modules
     marked ``False``; ``"marked"``: marked modules only. Either way minus names matching an fnmatch pattern
@@ -129,7 +129,7 @@ def _make_hook(recorder: EnergyRecorder, name: str, module: nn.Module):
 
 
 class EnergyRecorder:
-    """Hook management and accumulation behind ``EnergyLoss`` (spec/temporal.md §3.1-§3.4).
+    """Hook management and accumulation behind ``EnergyLoss``.
 
     Args:
         p: norm order, a finite number >= 1.

@@ -93,7 +93,7 @@ class LabelSmoothedCrossEntropy(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Temporal losses of seed 003 (DynVision): spec/temporal.md §1-§3
+# Temporal losses of seed 003 (DynVision): docs/temporal.md
 # ------------------------------------------------------------------------------------------------------------
 
 INPUT_CHECKS: tuple[str, ...] = ("immediate", "deferred")
@@ -150,7 +150,7 @@ class BaseLoss(nn.Module):
 
 
 class CrossEntropyLoss(BaseLoss):
-    """Temporal cross-entropy normalised by the number of valid timesteps (seed 003, spec/temporal.md §2).
+    """Temporal cross-entropy normalised by the number of valid timesteps (seed 003).
 
     Per step ``ℓ_n = w[y_n] · (logsumexp(x_n) − x_n[y_n])`` where ``y_n != ignore_index`` and ``mask`` is True,
     exactly 0 elsewhere (``w ≡ 1`` without ``weight``). ``"mean"`` divides ``Σ ℓ`` by the number C of valid
@@ -278,7 +278,7 @@ class CrossEntropyLoss(BaseLoss):
 
 
 class EnergyLoss(BaseLoss):
-    """Activation-energy regulariser recorded with forward hooks (seed 003, spec/temporal.md §3).
+    """Activation-energy regulariser recorded with forward hooks (seed 003).
 
     For module m and hook call c with output a of shape ``(B, *S)`` (``n = prod(S)``, recomputed every call)::
 

@@ -106,7 +106,7 @@ def test_declared_type_coercion(key, value, expected):
         ({"mask_ratio_weight_sequence_level": True}, "removed; weighting is always sequence-level"),
         ({"loss_modifiers_enabled": True, "entropy_modifier_enabled": True,
           "entropy_modifier_use_for_weighting": False},
-         ("entropy weighting is always dynamic (000_8dbc047495973b7b.txt); remove "
+         ("entropy weighting is always dynamic; remove "
          "entropy_modifier_use_for_weighting or set entropy_modifier_enabled=False")),
         ({"target_smoothing_factor": 1.0}, "target_smoothing_factor must be in [0, 1), got 1.0"),
         ({"target_smoothing_factor": -0.1}, "target_smoothing_factor must be in [0, 1), got -0.1"),

@@ -1,10 +1,10 @@
 """Cross-entropy family in plain, differentiable torch: the oracle every fast path is tested against.
 
-Covers spec/modifiers.md §1.1-1.4 and §1.7 (seed 000 "Loss Modifiers System", seed 004 label-smoothing
+Covers docs/modifiers.md (seed 000 "Loss Modifiers System", seed 004 label-smoothing
 notebook): ``cross_entropy`` with label smoothing in two conventions and an excluded column set, PaLM-style
 z-loss, per-token weights and every reduction; ``entropy`` H(p) and ``wrong_answer_entropy`` H(q).
 
-Implementation rules (spec/modifiers.md §1.2, spec/kernels.md §3):
+Implementation rules:
 
 * Everything is computed from ``log_softmax`` of the logits in fp32 (fp64 stays fp64). The dense target
   distribution is never built: label smoothing uses the closed form, a sum of log-probabilities over the
@@ -130,7 +130,7 @@ def smoothing_support(
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Bool ``(V,)`` indicator of the smoothing support ``A = [0, V) \\ X`` (spec/modifiers.md §1.3).
+    """Bool ``(V,)`` indicator of the smoothing support ``A = [0, V) \\ X``.
 
     Duplicate ids are dropped; ids outside ``[0, V)`` raise ``LossInputError`` naming ``smoothing_exclude``,
     the id and V. ``K = support.sum()`` is ``V - len(exclude_ids(smoothing_exclude, V))``.
@@ -143,7 +143,7 @@ def smoothing_support(
 
 
 def check_label_smoothing(label_smoothing: float, smoothing_convention: str, support_size: int) -> None:
-    """Validate the smoothing settings (spec/modifiers.md §1.3).
+    """Validate the smoothing settings.
 
     ``0 <= label_smoothing < 1``; ``smoothing_convention`` is ``"torch"`` or ``"fairseq"``; when
     ``label_smoothing > 0`` the support size K must be ``>= 1`` ("torch") or ``>= 2`` ("fairseq": the
@@ -290,7 +290,7 @@ def cross_entropy(
     step_counts: StepCounts | None = None,
     return_parts: bool = False,
 ) -> torch.Tensor | CrossEntropyParts:
-    """Cross-entropy with label smoothing, excluded columns, z-loss and token weights (spec/modifiers.md §1.2).
+    """Cross-entropy with label smoothing, excluded columns, z-loss and token weights.
 
     Per token ``ℓ_n = m_n · u_n · (ℓ^ε_n + λ·lse_n²)`` with ``m`` the validity mask
     ``(target != ignore_index) & mask``, ``u`` = ``token_weight`` (default 1), ``λ`` = ``z_loss`` (PaLM) and
@@ -437,7 +437,7 @@ def entropy(
     mask: torch.Tensor | None = None,
     reduction: str = "none",
 ) -> torch.Tensor:
-    """Predictive entropy ``H(p) = -Σ_c p_c ln p_c`` (nats) per position (spec/modifiers.md §1.4).
+    """Predictive entropy ``H(p) = -Σ_c p_c ln p_c`` (nats) per position.
 
     Plain torch::
 
@@ -476,7 +476,7 @@ def wrong_answer_entropy(
     mask: torch.Tensor | None = None,
     reduction: str = "none",
 ) -> torch.Tensor:
-    """Entropy of the wrong-answer distribution ``H(q) = -Σ_{j≠y} q_j ln q_j`` (spec/modifiers.md §1.4).
+    """Entropy of the wrong-answer distribution ``H(q) = -Σ_{j≠y} q_j ln q_j``.
 
     ``q_j = p_j / (1 - p_y)`` for ``j ≠ y`` is the softmax of the logits with the target column removed, so
     H(q) is computed exactly (no eps) as the entropy of ``log_softmax`` of the row with ``z_y`` set to

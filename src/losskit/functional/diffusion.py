@@ -1,4 +1,4 @@
-"""Diffusion loss weighting: schedules, SNR and per-example weights (spec/diffusion.md §1-§7).
+"""Diffusion loss weighting: schedules, SNR and per-example weights.
 
 The public face of three modules: :mod:`~losskit.functional.diffusion_schedules` (schedules, SNR, λ),
 :mod:`~losskit.functional.diffusion_weights` (min-SNR-γ, debiased, P2, EDM, SD3 in λ) and
@@ -121,14 +121,14 @@ def loss_weight(
     mask: torch.Tensor | None = None,
     **params: Any,
 ) -> torch.Tensor:
-    """Per-example weights of one scheme: the dispatcher behind ``SNRWeightModifier`` (spec §2, §8).
+    """Per-example weights of one scheme: the dispatcher behind ``SNRWeightModifier``.
 
     Args:
         scheme: one of ``SCHEMES``: ``constant``, ``sangoi``, ``min_snr``, ``debiased``, ``p2``,
             ``sd3_sigma_sqrt``, ``sd3_cosmap``, ``edm``.
         log_snr: λ per example (``[B]`` usually).
         prediction_type: the loss space (``epsilon``, ``v_prediction``, ``sample``/``x0``, ``flow``).
-        convention: ``reference``, ``onetrainer``, ``kohya`` or ``diffusers`` (§4; checked for min_snr, debiased
+        convention: ``reference``, ``onetrainer``, ``kohya`` or ``diffusers`` (checked for min_snr, debiased
             and p2, ignored by the others).
         predicted, target, mask: Sangoi only (required for it): the tensors its MAPE is computed on.
         **params: the scheme's own keywords: ``gamma`` (min_snr, p2; accepted and unused by sangoi), ``k`` (p2),
@@ -220,7 +220,7 @@ def sangoi_loss_modifier(
     *,
     alphas_cumprod: torch.Tensor,
 ) -> torch.Tensor:
-    """Drop-in for the seed's ``_sangoi_loss_modifier(timesteps, predicted, target, gamma, device)`` (spec §5).
+    """Drop-in for the seed's ``_sangoi_loss_modifier(timesteps, predicted, target, gamma, device)``.
 
     Looks up ``snr = snr_from_alphas_cumprod(alphas_cumprod, timesteps)`` on ``device`` (default: the device of
     ``timesteps``) in place of the seed's ``self._snr(timesteps, device)``, then returns

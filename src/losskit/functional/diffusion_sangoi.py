@@ -1,4 +1,4 @@
-"""The Sangoi loss weight (seed ``001_6ed3498a787f4fd9.txt``; spec/diffusion.md §5).
+"""The Sangoi loss weight (seed 001).
 
 The seed's ``_sangoi_loss_modifier`` (OneTrainer, README of October 2024) weights each example by
 ``exp(−(1 − MAPE)·log(1 + clamp(SNR, 1e-4, 100)))``, where MAPE is the mean of ``min(|(t − p)/(t + 1e-8)|, 1)``
@@ -86,7 +86,7 @@ def sangoi_weight_from_mape(
 def sangoi_relative_error(
     predicted: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Element-wise ``rel = min(|t − p| / |t + eps|, 1)`` without NaN or ∞ (spec §5).
+    """Element-wise ``rel = min(|t − p| / |t + eps|, 1)`` without NaN or ∞.
 
     Computed in ``c = promote(predicted.dtype, target.dtype, float32)``. Where ``|t + eps| > 0`` it equals the
     README's ``torch.clamp(torch.abs((t - p) / (t + eps)), 0, 1)`` bit for bit (``|a|/|b| = |a/b|`` in IEEE

@@ -1,8 +1,8 @@
-"""Noise schedules and signal-to-noise ratios (spec/diffusion.md §0-§1).
+"""Noise schedules and signal-to-noise ratios.
 
 Every function takes tensors (never a scheduler object, so losskit depends on no trainer's classes) and returns
 tensors in the input table's dtype, float64 by default: a float32 ``scaled_linear`` SNR is off by up to 2.6e-5
-relative, more than the spec's test tolerance.
+relative, more than the tests' tolerance.
 
 Notation (VP): ``x_t = α x0 + σ ε`` with ``α² = ᾱ_t`` (``alphas_cumprod``), ``σ² = 1 − ᾱ_t``,
 ``SNR = ᾱ/(1 − ᾱ)`` and ``λ = log SNR``. Flow matching: ``x_t = (1 − σ) x0 + σ ε``, ``SNR = ((1 − σ)/σ)²``.

@@ -1,4 +1,4 @@
-"""Per-example diffusion loss weights as functions of λ = log SNR (spec/diffusion.md §2-§4, §6).
+"""Per-example diffusion loss weights as functions of λ = log SNR.
 
 Sources: Min-SNR-γ (Hang et al. 2023, arXiv 2303.09556), P2 (Choi et al. 2022, arXiv 2204.00227), debiased
 estimation (Yu et al., arXiv 2310.08442), EDM (Karras et al. 2022), SD3 (Esser et al. 2024, arXiv 2403.03206);
@@ -57,7 +57,7 @@ PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample", "x0", 
 CONVENTIONS: tuple[str, ...] = ("reference", "onetrainer", "kohya", "diffusers")
 _SPACES = ("epsilon", "v_prediction", "sample", "flow")
 
-# The §4 cells each trainer defines; anything else under a named convention is an error, not an invented formula.
+# The (scheme, prediction space) cells each trainer defines; anything else under a named convention is an error, not an invented formula.
 _DEFINED: dict[str, dict[str, tuple[str, ...]]] = {
     "min_snr": {
         "reference": _SPACES,
@@ -101,7 +101,7 @@ def canonical_prediction_type(prediction_type: str) -> str:
 def check_convention(scheme: str, prediction_type: str, convention: str, *, p2_k: float = 1.0) -> None:
     """Raise ``LossInputError`` for a (scheme, space, convention) cell that the named trainer does not define.
 
-    Only min_snr, debiased and p2 have trainer conventions (§4); other schemes accept any known convention.
+    Only min_snr, debiased and p2 have trainer conventions; other schemes accept any known convention.
     """
     check_choice("convention", convention, CONVENTIONS)
     space = canonical_prediction_type(prediction_type)
@@ -206,7 +206,7 @@ def min_snr_weight(
     flow            ``λ < ln γ ? s(λ/2)² : γ s(−λ/2)²``    ``min(S, γ) · σ²``
     ==============  =====================================  ==========================
 
-    All four conventions give these numbers where they are defined (§4); at SNR 0 epsilon gives the limit 1 (the
+    All four conventions give these numbers where they are defined; at SNR 0 epsilon gives the limit 1 (the
     literal form is 0/0). Using the epsilon form ``min(1, γ/S)`` on a flow loss is a common mistake.
 
     Args:

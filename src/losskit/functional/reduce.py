@@ -1,7 +1,7 @@
 """Masked reductions, normalisers and step counts: the only place in losskit where a mean is taken.
 
 Every loss produces per-token values that are exactly 0 at invalid positions; it then calls one function of
-this module to reduce them (spec/modifiers.md §1.6). Keeping the denominators here means there is one
+this module to reduce them. Keeping the denominators here means there is one
 definition of "the number of tokens" for every loss, modifier and metric, and one place that makes empty
 batches safe.
 
@@ -98,7 +98,7 @@ def normalizer(
     ``"tokens"``: ``D = max(Σ valid, 1)``. ``"weights"``: ``D = Σ valid·weight`` where ``D > 0``, else 1
     (``weight=None`` counts tokens). ``"global_tokens"``: ``D = max(step_counts.tokens, 1)``.
 
-    Source: spec/modifiers.md §1.2 and §1.6. The clamps make an empty batch's mean an exact 0.
+    Source: docs/modifiers.md. The clamps make an empty batch's mean an exact 0.
 
     Args:
         valid: bool validity mask, any shape.
@@ -157,7 +157,7 @@ def masked_mean(
     step_counts: StepCounts | None = None,
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Masked, optionally weighted mean ``Σ valid·weight·x / D`` (spec/modifiers.md §1.6).
+    """Masked, optionally weighted mean ``Σ valid·weight·x / D``.
 
     D comes from ``normalizer(valid, weight=weight, normalize=normalize, step_counts=step_counts)`` unless
     ``denominator`` is given: a number ``n`` gives ``s / n`` (``s·0`` when ``n == 0``); a 0-d tensor ``n``
@@ -208,7 +208,7 @@ def sequence_mean(
     normalize: str = "tokens",
     step_counts: StepCounts | None = None,
 ) -> torch.Tensor:
-    """Mean over non-empty sequences of per-sequence token means (spec/modifiers.md §1.6, seed 000).
+    """Mean over non-empty sequences of per-sequence token means (docs/modifiers.md, seed 000).
 
     ``(1/D_S) Σ_{i∈S} seq_weight_i · (Σ_t m_it x_it / n_i)`` with ``n_i = Σ_t m_it``, ``S = {i : n_i > 0}``
     and ``D_S = max(|S|, 1)`` (``max(step_counts.sequences, 1)`` under ``"global_tokens"``). Empty
@@ -269,7 +269,7 @@ def step_counts(
     position as its own sequence. With a ``padding_token``, ``base_tokens`` also counts the positions before
     its exclusion (the basis of plain-CE metrics such as the pipeline's ``loss_raw``). Under
     torch.distributed (``group`` given, or the default group initialised) the packed counts are summed with
-    one ``all_reduce(SUM)``. No host sync: the counts stay on the device (spec/modifiers.md §1.6, §3.11).
+    one ``all_reduce(SUM)``. No host sync: the counts stay on the device.
 
     Args:
         micro_targets: the targets of every micro-batch of the step (one tensor, or a sequence of them).

@@ -1,11 +1,11 @@
 """Temporal building blocks of seed 003 (DynVision losses): presentation patterns, reaction masks, energy.
 
 Pure functions and one frozen schedule object; they are the oracle the temporal losses and the ``temporal``
-training task are tested against (spec/temporal.md §3.1 and §5). Host-side work (pattern parsing, chunk
+training task are tested against. Host-side work (pattern parsing, chunk
 listing, warnings) uses only Python strings, ints and tensor shapes; the tensor functions never sync.
 
-Source: ``003_497d925c5b50cc7d.txt`` ("Temporal Masking and Presentation Patterns", "EnergyLoss"), and
-rgutzen/DynVision, whose behaviour spec/temporal.md §9 corrects where noted.
+Source: seed 003 ("Temporal Masking and Presentation Patterns", "EnergyLoss"), and
+rgutzen/DynVision, whose behaviour docs/temporal.md corrects where noted.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def reaction_mask(present: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class PresentationSchedule:
-    """A stretched presentation pattern with its reaction windows and label mask (spec/temporal.md §5).
+    """A stretched presentation pattern with its reaction windows and label mask.
 
     Built once per (pattern, T, dt, reaction time, device) by ``build`` (cached) and then applied to every
     batch with two broadcast ``torch.where`` calls.
@@ -318,7 +318,7 @@ _SCHEDULE_CACHE: dict[tuple, PresentationSchedule] = {}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Energy (spec/temporal.md §3.1)
+# Energy
 # ------------------------------------------------------------------------------------------------------------
 
 UNIT_NORMS: tuple[str, ...] = ("n_units", "root")

@@ -1,4 +1,4 @@
-"""Column sets of a call: the smoothing support A = {0..V−1} \\ E and the hard-target ids (spec/kernels.md §3.3).
+"""Column sets of a call: the smoothing support A = {0..V−1} \\ E and the hard-target ids.
 
 Ids are validated on the host from the id list (never from tensor values of the step), and the on-device
 indicator of each set is built once and cached per (ids, V, device, dtype), so repeated calls cost no

@@ -1,4 +1,4 @@
-"""Which implementation serves a call (spec/kernels.md §2.4).
+"""Which implementation serves a call.
 
 | situation                                              | result                                   |
 |--------------------------------------------------------|------------------------------------------|

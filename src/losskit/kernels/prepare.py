@@ -1,8 +1,8 @@
-"""Argument checks and per-row preparation shared by every implementation (spec/kernels.md §2).
+"""Argument checks and per-row preparation shared by every implementation.
 
 ``prepare`` turns the user arguments of ``token_stats`` / ``fused_token_loss`` into flat per-row tensors
 (validity, clamped target, out-of-range flags, ``[y∈A]``) and the cached column sets, without reading any
-tensor value on the host. ``prepare_smoothing`` adds the per-row smoothing factors of §3.3.
+tensor value on the host. ``prepare_smoothing`` adds the per-row label-smoothing factors.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Prepared:
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    """fp64 logits compute in fp64; every other float dtype computes in fp32 (§3.6 rule 1)."""
+    """fp64 logits compute in fp64; every other float dtype computes in fp32 (load any dtype, compute in fp32, round once on the store)."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
@@ -84,7 +84,7 @@ def prepare(
 
 @dataclasses.dataclass(frozen=True)
 class Smoothing:
-    """Per-row label smoothing of §3.3 (None fields when ε = 0).
+    """Per-row label smoothing (None fields when ε = 0).
 
     Attributes:
         eps: the global ε.

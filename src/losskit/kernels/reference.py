@@ -1,4 +1,4 @@
-"""The ``torch`` implementation: the readable reference (spec/kernels.md §4.2).
+"""The ``torch`` implementation: the readable reference.
 
 Plain torch on the whole tensor, computed in fp32 (fp64 stays fp64), gradients by autograd, built on the
 functional ops of ``functional/cross_entropy.py``. Tests run it in fp64 as the oracle of ``chunked`` (and of
@@ -16,10 +16,10 @@ Per row, with ``lp = log_softmax(z)`` and ``zq`` = z with the target column at �
 
 ``nll`` and ``log1m_target_prob`` are written with ``logaddexp(·, 0)`` (a stable softplus) rather than
 as ``−lp_y`` and ``logsumexp(zq) − lse``: same values, but autograd then gives the target gradient as
-``−(1 − p_y)`` instead of ``p_y − 1``, which in fp64 rounds to 0 beyond a 37-nat margin (§3.6 rule 2), and
+``−(1 − p_y)`` instead of ``p_y − 1``, which in fp64 rounds to 0 beyond a 37-nat margin, and
 an oracle must be more accurate than what it judges.
 
-and the fused loss (§3.3) in the dense-sum form the functional oracle uses:
+and the fused loss in the dense-sum form the functional oracle uses:
 ``(1 − ε_t)·nll + ε_t·(−Σ_{c∈A_t} lp_c)/K_t + λ·lse²``.
 """
 
@@ -65,7 +65,7 @@ def _mask(x: torch.Tensor, prep: Prepared) -> torch.Tensor:
 
 
 def token_fields(logits: torch.Tensor, prep: Prepared) -> tuple[StatFields, torch.Tensor]:
-    """All statistics of §2.1 (flat, masked) plus ``lp`` (the ``(n, V)`` log-probabilities, for the loss)."""
+    """All statistics of ``token_stats`` (flat, masked) plus ``lp`` (the ``(n, V)`` log-probabilities, for the loss)."""
     z_orig = _rows(logits, prep)
     shift = _shift(z_orig)
     z = z_orig - shift[:, None]

@@ -1,8 +1,8 @@
-"""Per-row closed forms shared by the streaming implementations (spec/kernels.md §3.1–3.5).
+"""Per-row closed forms shared by the streaming implementations.
 
 Everything here acts on per-row vectors of shape ``(n,)`` (never on ``(n, V)`` data): merging two partial
-streaming states, turning a final state into the statistics of §3.2, and turning upstream gradients into
-the per-row coefficients of the one-pass backward of §3.5. Pure functions, no host syncs.
+streaming states, turning a final state into the closed-form statistics, and turning upstream gradients into
+the per-row coefficients of the one-pass backward. Pure functions, no host syncs.
 
 Notation (one row): logits z, target y, ``m = max_{i≠y} z_i``, ``d = Σ_{i≠y} e^{z_i−m}``,
 ``s = Σ_{i≠y} e^{z_i−m}(z_i−m)``, ``a = Σ_{i∈A} (z_i − z_y)``, ``L¬ = m + ln d``, ``δ = z_y − L¬``,
@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 # Logits at or below this value are treated as −∞. Streaming code clamps −∞ up to it so that every product
-# e·(z − m) with e = 0 is an exact 0 instead of 0·(−∞) = NaN (the guard of §3.1).
+# e·(z − m) with e = 0 is an exact 0 instead of 0·(−∞) = NaN (the streaming guard).
 NEG_LARGE = -(2.0**100)
 # A support sum below this can only come from a clamped −∞ column (finite logits would need |z| ≈ 1e24).
 NEG_LARGE_SUM = -(2.0**99)
@@ -25,7 +25,7 @@ NEG_LARGE_SUM = -(2.0**99)
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """``softplus(x) = max(x, 0) + log1p(exp(−|x|))``, accurate for every x (no ``log(1 + ·)`` underflow).
 
-    ``log1p`` keeps ``softplus(−40) = 4.2e-18`` exact where ``log(1 + exp(−40))`` would return 0 (§3.2).
+    ``log1p`` keeps ``softplus(−40) = 4.2e-18`` exact where ``log(1 + exp(−40))`` would return 0.
     ``±inf`` give ``inf`` / ``0``; NaN propagates.
     """
     return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
@@ -33,7 +33,7 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class RowState:
-    """Partial streaming state of a set of rows over some columns (§3.1).
+    """Partial streaming state of a set of rows over some columns.
 
     Attributes:
         m: running max over the absorbed non-target columns (``−inf`` when none was finite).
@@ -55,7 +55,7 @@ class RowState:
 
 
 def merge_states(x: RowState, y: RowState) -> RowState:
-    """Merge two partial states with the rule of §3.1.
+    """Merge two partial streaming states.
 
     ``m = max(m₁, m₂)``, ``r_k = e^{m_k − m}``, ``d = r₁d₁ + r₂d₂``,
     ``s = r₁(s₁ + (m₁ − m)d₁) + r₂(s₂ + (m₂ − m)d₂)``; ``a`` adds; the argmax keeps the larger value and,
@@ -86,7 +86,7 @@ def merge_states(x: RowState, y: RowState) -> RowState:
 
 @dataclasses.dataclass
 class RowStats:
-    """Closed forms of one pass (§3.2) plus the row constants the backward needs (§3.5).
+    """Closed forms of one pass plus the row constants the backward needs.
 
     All fields are ``(n,)`` and not yet masked by validity.
     """
@@ -119,7 +119,7 @@ class RowTargets:
 
 
 def finalize(st: RowState, rows: RowTargets) -> RowStats:
-    """Statistics from a final streaming state (§3.2), without cancellation.
+    """Statistics from a final streaming state, without cancellation.
 
     ``lse = L¬ + sp₊`` (written ``max(L¬, z_y) + log1p(e^{−|δ|})`` so that a degenerate row, d = 0, gives
     ``z_y``), ``nll = sp₋``, ``ln(1 − p_y) = −sp₊``, ``H(q) = ln d − s/d``,
@@ -181,7 +181,7 @@ def finalize(st: RowState, rows: RowTargets) -> RowStats:
 
 
 def smoothed_nll(nll: torch.Tensor, support_gap: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Label-smoothed CE from the statistics (§3.3), the one closed form every fast path uses.
+    """Label-smoothed CE from the statistics, the one closed form every fast path uses.
 
     ``CE_ε = nll − ε_t·a/K_t = nll − scale·support_gap`` with ``scale = ε_t·K/K_t`` (ε_t for the "torch"
     convention, ``ε_t·K/(K − [y∈A])`` for "fairseq"; 0 on hard-target rows). ``torch.where``, not the product
@@ -204,7 +204,7 @@ def shifted_coefficients(co: GradCoefficients, rs: RowStats) -> tuple[torch.Tens
 
 @dataclasses.dataclass
 class GradCoefficients:
-    """Per-row coefficients of the one-pass backward (§3.5).
+    """Per-row coefficients of the one-pass backward.
 
     For every column j ≠ y with ``u_j = z_j − shift`` and ``q_j = e^{u_j}``:
     ``G_j = q_j·(alpha + beta·u_j) + gamma·[j∈A]``; the target column gets ``G_y`` exactly.
@@ -230,7 +230,7 @@ def stats_grad_coefficients(
     g_h: torch.Tensor | None,
     g_hq: torch.Tensor | None,
 ) -> GradCoefficients:
-    """Coefficients of the one-pass backward of the statistics (§3.5).
+    """Coefficients of the one-pass backward of the statistics.
 
     j ≠ y: ``G_j = p_j(g_lse + g_nll) + [j∈A]g_mean/K − g_H·p_j(z_j − lse + H)
     + q_j(g_l1m·p_y − g_Hq(z_j − L¬ + H_q))``; with ``p_j = q_j(1 − p_y)`` and
@@ -283,7 +283,7 @@ def fused_grad_coefficients(
     target_in_at: torch.Tensor | None,
     z_loss: float,
 ) -> GradCoefficients:
-    """Coefficients of the fused loss gradient (§3.5) for ``c_t = coef``.
+    """Coefficients of the fused loss gradient for ``c_t = coef``.
 
     j ≠ y: ``G_j = c_t[(1 + 2λ·lse)·p_j − (ε_t/K_t)[j∈A_t]]``;
     j = y: ``G_y = c_t[ε_t − (1 − p_y) + 2λ·lse·p_y − (ε_t/K_t)[y∈A_t]]``.

@@ -1,4 +1,4 @@
-"""Loss modifiers (seed 000): a pipeline of fixed phases over one statistics pass (spec/modifiers.md §3).
+"""Loss modifiers (seed 000): a pipeline of fixed phases over one statistics pass.
 
 Quick start::
 

@@ -1,7 +1,6 @@
 """The modifier interface: ``BaseLossModifier``, the phase context and the ``Weights`` a modifier contributes.
 
-Source: seed 000 (``000_8dbc047495973b7b.txt``, "Custom Modifier Development") and spec/modifiers.md §3.1, §3.3,
-§3.7. A modifier takes part in exactly one of the fixed phases of ``LossModifierPipeline``:
+Source: seed 000 ("Custom Modifier Development"); the user documentation is docs/modifiers.md. A modifier takes part in exactly one of the fixed phases of ``LossModifierPipeline``:
 
 1. **per-token loss producer** — overrides :meth:`BaseLossModifier.per_token_loss` (e.g. label smoothing);
 2. **weight producer** — overrides :meth:`BaseLossModifier.weights` and returns :class:`Weights`;
@@ -68,7 +67,7 @@ class ModifiedLoss:
         loss: the modified 0-d loss that is back-propagated (``train/loss``).
         loss_raw: plain CE (token mean over ``ignore_index`` and the caller's ``mask``) from the same pass,
             detached unless no modifier is enabled, when it is the very ``loss`` tensor (``train/loss_raw``).
-        bad: detached 0-d bool device flag: some valid row has bad input (spec/modifiers.md §1.7).
+        bad: detached 0-d bool device flag: some valid row has bad input.
     """
 
     loss: torch.Tensor
@@ -78,11 +77,11 @@ class ModifiedLoss:
 
 @dataclasses.dataclass(frozen=True)
 class ModifierContext:
-    """What phase hooks see (spec/modifiers.md §3.7). Tensors are ``(B, T)`` (``(N,)`` input becomes ``(N, 1)``).
+    """What phase hooks see. Tensors are ``(B, T)`` (``(N,)`` input becomes ``(N, 1)``).
 
     Attributes:
         stats: ``TokenStats`` of the one pass (differentiable fields), or None on the element-wise entry.
-        valid: the one validity mask ``m`` (bool ``(B, T)``, §3.2).
+        valid: the one validity mask ``m`` (bool ``(B, T)``).
         num_valid: 0-d int64 tensor, ``N = Σ m``.
         T: padded sequence length (``targets.shape[-1]``).
         per_token_loss: ``(B, T)`` phase-1 output ``ℓ`` (0 where ``m`` is 0); None inside phase 1.
@@ -176,7 +175,7 @@ class BaseLossModifier(abc.ABC):
         return {}
 
     def restrict_valid(self, targets: torch.Tensor) -> torch.Tensor | None:
-        """A bool ``(B, T)`` factor ANDed into the validity mask ``m`` (spec/modifiers.md §3.2), or None."""
+        """A bool ``(B, T)`` factor ANDed into the validity mask ``m``, or None."""
         return None
 
     def check_num_classes(self, num_classes: int) -> None:

@@ -1,7 +1,7 @@
 """The flat loss-modifier config keys: the single source of truth for names, types, defaults and ranges.
 
-Source: seed 000 (``000_8dbc047495973b7b.txt``, "Loss Modifiers System") and spec/modifiers.md §3.10, plus the
-SNR-weighting keys of spec/diffusion.md §8. Every key the seed documents is here, with three justified additions
+Source: seed 000 ("Loss Modifiers System") and docs/modifiers.md, plus the
+SNR-weighting keys of docs/diffusion.md. Every key the seed documents is here, with three justified additions
 (``entropy_modifier_per_sample``, ``entropy_modifier_differentiable_weights``, ``target_smoothing_convention``).
 
 Values arrive as Python objects (from a ``config/*.py`` file or a dict) or as strings (``--key=value`` on the
@@ -93,7 +93,7 @@ def _finite(x: float) -> bool:
 
 _SPECS: tuple[KeySpec, ...] = (
     KeySpec("loss_modifiers_enabled", "bool", False, "master switch: no modifier runs unless this is True"),
-    # --- EntropyModifier (spec/modifiers.md §3.4) ---
+    # --- EntropyModifier ---
     KeySpec("entropy_modifier_enabled", "bool", False, "weight the loss by the wrong-answer entropy H(q)",
             owner=_ENTROPY),
     KeySpec("entropy_modifier_weight", "float", 1.0, "multiplier of the entropy weight (1/ln(V-1) maps it to [0,1])",
@@ -110,7 +110,7 @@ _SPECS: tuple[KeySpec, ...] = (
             owner=_ENTROPY),
     KeySpec("entropy_modifier_differentiable_weights", "bool", False, "back-propagate through the entropy weight",
             owner=_ENTROPY),
-    # --- TargetSmoothingModifier (spec/modifiers.md §3.5) ---
+    # --- TargetSmoothingModifier ---
     KeySpec("target_smoothing_enabled", "bool", False, "replace CE by label-smoothed CE", owner=_SMOOTHING),
     KeySpec("target_smoothing_factor", "float", 0.1, "smoothing strength epsilon (0 = plain CE)", "in [0, 1)",
             lambda v: 0 <= v < 1, owner=_SMOOTHING),
@@ -122,7 +122,7 @@ _SPECS: tuple[KeySpec, ...] = (
             owner=_SMOOTHING),
     KeySpec("target_smoothing_convention", "str", "torch", "'torch' (eps/K on every class) or 'fairseq'",
             choices=("torch", "fairseq"), owner=_SMOOTHING),
-    # --- MaskRatioWeightModifier (spec/modifiers.md §3.6) ---
+    # --- MaskRatioWeightModifier ---
     KeySpec("mask_ratio_weight_enabled", "bool", False, "weight sequences by (valid/T)^-power, sequence mean",
             owner=_MASK_RATIO),
     KeySpec("mask_ratio_weight_power", "float", 0.5, "exponent of the inverse mask ratio", ">= 0",
@@ -133,7 +133,7 @@ _SPECS: tuple[KeySpec, ...] = (
             lambda v: v > 0, owner=_MASK_RATIO),
     KeySpec("mask_ratio_weight_eps", "float", 1e-8, "stabiliser of the ratio and its power", ">= 0",
             lambda v: v >= 0, owner=_MASK_RATIO),
-    # --- SNRWeightModifier (spec/diffusion.md §8); the keys share no prefix ---
+    # --- SNRWeightModifier; the keys share no prefix ---
     KeySpec("loss_weighting", "str", "constant", "diffusion loss weighting scheme ('constant' = off)",
             choices=("constant", "sangoi", "min_snr", "debiased", "p2", "sd3_sigma_sqrt", "sd3_cosmap", "edm"),
             owner=_SNR),
@@ -157,7 +157,7 @@ _SPECS: tuple[KeySpec, ...] = (
 #: Every modifier config key, in canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight).
 MODIFIER_CONFIG_KEYS: dict[str, KeySpec] = {s.name: s for s in _SPECS}
 
-#: Keys of these shapes must be known (spec/modifiers.md §3.10 and spec/diffusion.md §8); others pass through.
+#: Keys of these shapes must be known; others pass through.
 MODIFIER_KEY_PATTERNS: tuple[str, ...] = (
     "*_modifier_*",
     "*_modifiers_*",
@@ -189,8 +189,8 @@ LEGACY_HINTS: dict[str, str] = {
 }
 
 USE_FOR_WEIGHTING_MESSAGE = (
-    "entropy_modifier_use_for_weighting=False is not supported: entropy weighting is always dynamic "
-    "(000_8dbc047495973b7b.txt); remove entropy_modifier_use_for_weighting or set entropy_modifier_enabled=False"
+    "entropy_modifier_use_for_weighting=False is not supported: entropy weighting is always dynamic; "
+    "remove entropy_modifier_use_for_weighting or set entropy_modifier_enabled=False"
 )
 
 
@@ -288,7 +288,7 @@ def coerce_value(key: str, value: Any, spec: KeySpec | None = None) -> Any:
             out = [int(value)]
         else:
             raise _type_error(key, expected, value)
-        out = list(dict.fromkeys(out))  # duplicate ids are dropped (spec/modifiers.md §1.3)
+        out = list(dict.fromkeys(out))  # duplicate ids are dropped
     else:  # a programming error in the table itself
         raise TypeError(f"KeySpec {key!r} has unknown type {t!r}")
     if spec.check is not None and not spec.check(out):

@@ -1,4 +1,4 @@
-"""``EntropyModifier``: weight the loss by the model's wrong-answer entropy (seed 000, spec/modifiers.md §3.4).
+"""``EntropyModifier``: weight the loss by the model's wrong-answer entropy (seed 000).
 
 Per valid position the wrong-answer entropy ``H(q)`` (``q`` = softmax over the non-target logits) comes from the
 one ``token_stats`` pass; this module never computes a softmax. Then::
@@ -60,7 +60,7 @@ def entropy_batch_weight(
     sample_valid: torch.Tensor | None = None,
     per_sample: bool = False,
 ) -> torch.Tensor:
-    """The entropy weight from per-sample mean entropies (steps 3–5 of spec/modifiers.md §3.4).
+    """The entropy weight from per-sample mean entropies (steps 3–5 of the entropy weighting in docs/modifiers.md).
 
     ``H* = max(H̄, threshold)``; default: ``β = weight · mean_{i∈S} H*_i`` (0-d); ``per_sample=True``:
     ``e_i = weight · H*_i`` (``(B,)``, 0 outside S). Plain torch::

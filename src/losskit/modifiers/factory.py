@@ -1,4 +1,4 @@
-"""``create_loss_modifier_pipeline(config)`` and ``register_modifier`` (seed 000, spec/modifiers.md §3.1, §3.10).
+"""``create_loss_modifier_pipeline(config)`` and ``register_modifier`` (seed 000).
 
 The factory takes the settings parsed once at the edge (``config_keys.parse_modifier_config``; a raw config is parsed
 here), builds the enabled built-ins in canonical order (Entropy, TargetSmoothing, MaskRatioWeight, SNRWeight), then

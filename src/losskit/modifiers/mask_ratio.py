@@ -1,4 +1,4 @@
-"""``MaskRatioWeightModifier``: up-weight sequences with few valid tokens (seed 000, spec/modifiers.md §3.6).
+"""``MaskRatioWeightModifier``: up-weight sequences with few valid tokens (seed 000).
 
 Phase-2 weight producer that also selects the sequence mean for phase 3::
 

@@ -1,9 +1,9 @@
-"""``LossModifierPipeline``: fixed phases over one statistics pass (seed 000, spec/modifiers.md §3.1–3.3, §3.11).
+"""``LossModifierPipeline``: fixed phases over one statistics pass (seed 000).
 
 One ``kernels.token_stats`` pass over the logits yields every per-token number the built-ins need; the pipeline
 then composes them in fixed phases, whatever the order of the config or of the modifier list::
 
-    m    = (targets != ignore_index) ∧ mask ∧ [targets != padding_token]          (§3.2; last factor: smoothing)
+    m    = (targets != ignore_index) ∧ mask ∧ [targets != padding_token]          (the one mask; last factor: smoothing)
     ℓ_it = smoothed CE if TargetSmoothing is on, else CE; 0 where m_it = 0      (phase 1)
     β, e_i, w_i, u_it from the weight producers (detached by default)            (phase 2)
     MaskRatio off:  L = β · Σ_{i,t} m_it e_i u_it ℓ_it / N                       (phase 3, functional/reduce.py)
@@ -202,7 +202,7 @@ class LossModifierPipeline:
     def compute_elementwise(self, per_token_loss: torch.Tensor, *, mask: torch.Tensor | None = None,
                             step_counts: StepCounts | None = None, iter_num: int | None = None, **extras: Any
                             ) -> ModifiedLoss:
-        """Element-wise entry for losses without class logits (regression, diffusion; spec/diffusion.md §8).
+        """Element-wise entry for losses without class logits (regression, diffusion).
 
         ``per_token_loss`` ``(B, ...)`` is flattened to ``(B, E)``; no statistics pass runs; ``ctx.extras`` carries
         the caller's tensors (e.g. ``log_snr``). ``loss_raw`` is the same reduction without weights; with no modifier
@@ -290,7 +290,7 @@ class LossModifierPipeline:
             raise LossInputError(f"step_counts must be a losskit.contract.StepCounts, got {type(step_counts).__name__}")
         producer = self._producer(mods)
         orig_logits, orig_targets = logits, targets
-        if logits.dim() == 2:  # (N, V) is (N, 1, V) where a sequence axis matters (spec/modifiers.md §1.1)
+        if logits.dim() == 2:  # (N, V) is (N, 1, V) where a sequence axis matters
             logits, targets = logits.unsqueeze(1), targets.unsqueeze(1)
             mask = None if mask is None else mask.unsqueeze(1)
         num_classes = logits.shape[-1]

@@ -1,4 +1,4 @@
-"""``TargetSmoothingModifier``: label-smoothed CE with special (hard, excluded) ids (seed 000, spec/modifiers.md §3.5).
+"""``TargetSmoothingModifier``: label-smoothed CE with special (hard, excluded) ids (seed 000).
 
 Phase-1 producer. From the one ``token_stats`` pass (``smoothing_exclude = special_tokens``), with support
 ``A = [0, V) \\ X``, ``K = |A|`` and ``ε_t = ε`` where ``y ∉ X`` (0 where the target is special)::
@@ -10,7 +10,7 @@ with ``g = z̄_A − z_y`` the statistic ``support_gap`` (exact under a common l
 one closed form ``rowmath.smoothed_nll``. With ``X = ∅`` "torch" equals
 ``F.cross_entropy(logits, y, label_smoothing=ε, reduction="none")``. The dense target distribution is never built.
 
-With ``exclude_padding=True`` positions whose target is ``padding_token`` leave the validity mask ``m`` (§3.2); the
+With ``exclude_padding=True`` positions whose target is ``padding_token`` leave the validity mask ``m``; the
 padding column itself stays in the support unless listed in ``special_tokens``.
 """
 
@@ -131,7 +131,7 @@ class TargetSmoothingModifier(BaseLossModifier):
         return ctx.valid & ~self._hard(ctx.targets)
 
     def bad_rows(self, ctx: ModifierContext) -> torch.Tensor | None:
-        """Smoothed rows whose support mean is not finite (a −inf column in the support, §1.7)."""
+        """Smoothed rows whose support mean is not finite (a −inf column in the support)."""
         if self.factor == 0:
             return None
         assert ctx.stats is not None

@@ -1,4 +1,4 @@
-"""``SNRWeightModifier``: per-example diffusion loss weights as a phase-2 weight producer (spec/diffusion.md §8).
+"""``SNRWeightModifier``: per-example diffusion loss weights as a phase-2 weight producer.
 
 Sources: seed 001 (the Sangoi loss modifier) and the SNR weightings of ``losskit.functional.diffusion`` (min-SNR-γ,
 debiased, P2, SD3, EDM). The modifier runs on the pipeline's element-wise entry
@@ -43,7 +43,7 @@ class SNRWeightModifier(BaseLossModifier):
     ``p2_gamma=1.0``, ``p2_k=1.0``, ``snr_clamp_min=None``, ``snr_clamp_max=None``, ``prediction_type="epsilon"``,
     ``weighting_convention="reference"``, ``edm_sigma_data=0.5``, ``loss_weighting_differentiable_weights=False``.
     ``enabled = (loss_weighting != "constant")``. Bad values, and scheme/space/convention cells that the named
-    trainer does not define (§4), raise ``ConfigError`` at construction.
+    trainer does not define, raise ``ConfigError`` at construction.
 
     Extras read from the pipeline call: ``log_snr`` ``[B]`` (or ``snr``), and for Sangoi ``predicted`` and
     ``target`` (shaped like ``per_token_loss``; the pipeline's mask also masks the MAPE).

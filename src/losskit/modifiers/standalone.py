@@ -24,7 +24,7 @@ def standalone_pipeline(modifier: BaseLossModifier) -> LossModifierPipeline:
 
 def run_standalone(modifier: BaseLossModifier, logits: torch.Tensor, targets: torch.Tensor,
                    loss: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
-    """A built-in's own ``modify_loss``: exactly a pipeline holding only that modifier (spec/modifiers.md §3.1)."""
+    """A built-in's own ``modify_loss``: exactly a pipeline holding only that modifier."""
     if not modifier.is_enabled():
         return loss
     return standalone_pipeline(modifier).modify_loss(logits, targets, loss, **kwargs)
