@@ -67,7 +67,7 @@ def model(engine, name="m"):
 
 
 def op(tag, units=1, fail_at=None, sleep=0.0):
-    def make(handle):
+    def make(handle, seq):
         def gen():
             for u in range(units):
                 if fail_at == u:
@@ -163,7 +163,7 @@ def test_failure_fails_the_future_and_the_queue_goes_on(engine):
 def test_user_errors_keep_their_code(engine):
     session, mid = model(engine)
 
-    def make(handle):
+    def make(handle, seq):
         return single_unit(lambda: (_ for _ in ()).throw(ServiceError("shape_mismatch", "rows differ")))
 
     fut = engine.submit(session, mid, 1, "h", "x", make, encode)
@@ -176,7 +176,7 @@ def test_io_task_completes_after_io(engine):
     session, mid = model(engine)
     order = []
 
-    def make(handle):
+    def make(handle, seq):
         return single_unit(lambda: IOTask(lambda: order.append("io") or {"written": True}))
 
     assert wait(engine, engine.submit(session, mid, 1, "h", "save", make, encode)) == {"written": True}

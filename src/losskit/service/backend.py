@@ -155,7 +155,7 @@ class Backend:
         """A new adapter (initialised from ``spec.seed``) with its own AdamW."""
         base = self.base(info)
         adapter = self._new_adapter_name()
-        config = lora.lora_config(base.hf if base.peft is None else base.peft.get_base_model(), spec)
+        config = lora.lora_config(base.hf, spec)
         base.peft = lora.add_adapter(base.peft, base.hf, adapter, config, spec.seed)
         base.active = None
         self._activate(base, adapter)

@@ -269,8 +269,8 @@ class Engine:
         self.worker.close(state.lane)
 
     def submit(self, session: Session, model_id: str, seq: int | None, body_hash: str, label: str,
-               units: Callable[[Any], Generator], encode: Encoder, *, request_bytes: int = 0) -> Future:
-        """Queue one seq-ordered request of a model. ``units(handle)`` makes its units generator on the worker.
+               units: Callable[[Any, int], Generator], encode: Encoder, *, request_bytes: int = 0) -> Future:
+        """Queue one seq-ordered request of a model. ``units(handle, seq)`` makes its units generator on the worker.
 
         A repeat of a seq with the same ``body_hash`` returns the original future; the work runs once.
         """
@@ -284,12 +284,39 @@ class Engine:
                 return self.futures.get(duplicate, session.id)
             fut = self.futures.create(session.id, label, model_id=model_id, seq_id=seq, request_bytes=request_bytes)
             session.futures.add(fut.request_id)
-            work = Work(label, lambda: units(state.handle), lambda v: self._done(fut, v, encode),
+            work = Work(label, lambda: units(state.handle, seq), lambda v: self._done(fut, v, encode),
                         lambda exc: self._fail(fut, exc))
             state.seq.add(seq, fut.request_id, body_hash, work)
             for ready in state.seq.pop_ready():
                 self.worker.push(state.lane, ready)
             return fut
+
+    #: Errors that do not consume the request's seq (the request may be retried under the same number).
+    KEEP_SEQ = frozenset({"seq_conflict", "seq_stale", "queue_full", "unknown_model", "unknown_session",
+                          "session_closed", "unauthorized"})
+
+    def burn(self, session: Session, model_id: str, seq: int | None, body_hash: str, error: ServiceError) -> None:
+        """A request rejected at submit still uses its ``seq_id``: queue a failed request in its place, so that the
+        model's later requests never wait for that number (a resend of the same body gets the same error)."""
+        if seq is None or error.code in self.KEEP_SEQ or error.status >= 500:
+            return
+        with self.lock:
+            try:
+                state = self.model(session, model_id)
+                if state.seq.check(seq, body_hash) is not None:
+                    return
+            except ServiceError:
+                return
+            fut = self.futures.create(session.id, "rejected", model_id=model_id, seq_id=seq)
+            session.futures.add(fut.request_id)
+
+            def rejected():
+                raise error
+
+            work = Work("rejected", lambda: single_unit(rejected), lambda v: None, lambda exc: self._fail(fut, exc))
+            state.seq.add(seq, fut.request_id, body_hash, work)
+            for ready in state.seq.pop_ready():
+                self.worker.push(state.lane, ready)
 
     def submit_sampler(self, session: Session, lane_key: str, label: str, units: Callable[[], Generator],
                        encode: Encoder) -> Future:

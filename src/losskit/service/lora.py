@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import warnings
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ def _fallback_targets(model: nn.Module) -> dict[str, tuple[str, ...]]:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     groups: dict[str, list[str]] = {"attn": [], "mlp": [], "unembed": []}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or "lora_" in name or name.endswith("base_layer"):
             continue
         lowered = name.lower()
         if module is out:
@@ -106,7 +107,9 @@ def add_adapter(peft_model, base: nn.Module, name: str, config, seed: int):
     """Add the named adapter (initialised from ``seed``); returns the ``PeftModel`` (created on first use)."""
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # transformers deprecation notices triggered inside peft, not actionable here
+        warnings.filterwarnings("ignore", category=FutureWarning)
         torch.manual_seed(seed)
         if peft_model is None:
             peft_model = get_peft_model(base, config, adapter_name=name)

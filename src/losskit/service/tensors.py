@@ -30,6 +30,7 @@ _WIDEN = {torch.int32: torch.int64, torch.bfloat16: torch.float32}
 _NAMES = {torch.float32: "float32", torch.int64: "int64", torch.bool: "bool"}
 B64_THRESHOLD = 1024
 MAX_ELEMENTS = 1 << 26
+MAX_DIMS = 8
 
 
 def _bad(name: str, message: str) -> ServiceError:
@@ -50,7 +51,7 @@ def _dict_tensor(value: dict, name: str) -> torch.Tensor:
         raise _bad(name, f"dtype must be one of {', '.join(DTYPES)}, got {value['dtype']!r}")
     shape = value["shape"]
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape) or len(shape) > 8:
+                                              for s in shape) or len(shape) > MAX_DIMS:
         raise _bad(name, f"shape must be a list of at most 8 non-negative ints, got {shape!r}")
     numel = math.prod(shape)
     if numel > MAX_ELEMENTS:
@@ -97,13 +98,15 @@ def _leaf_dtype(values: list, name: str) -> torch.dtype:
     raise _bad(name, "nested lists must hold only numbers or only bools")
 
 
-def _flatten(value: Any, name: str) -> tuple[list, list[int]] | None:
+def _flatten(value: Any, name: str, depth: int = 0) -> tuple[list, list[int]] | None:
     """Flat values and shape of a rectangular nested list; None when ragged."""
     if not isinstance(value, list):
         return [value], []
+    if depth >= MAX_DIMS:
+        raise _bad(name, f"nested lists deeper than {MAX_DIMS} dimensions")
     if not value:
         return [], [0]
-    parts = [_flatten(v, name) for v in value]
+    parts = [_flatten(v, name, depth + 1) for v in value]
     if any(p is None for p in parts) or len({tuple(p[1]) for p in parts}) != 1:
         return None
     flat = [x for p in parts for x in p[0]]

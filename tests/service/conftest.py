@@ -1,0 +1,75 @@
+"""Shared fixtures of the service tests: an isolated HF cache, real in-process servers, clients, helpers.
+
+Every server is a real ``losskit serve`` (uvicorn) on 127.0.0.1 with a free port, started in this process
+(``BackgroundServer``) so that tests can also use the in-process hooks (``engine.debug_gradients``). Nothing
+downloads: the built-in ``losskit/tiny-lm`` is generated into a temporary Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from losskit.service.settings import make_settings
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_home")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE")}
+    os.environ["HF_HOME"] = str(path)
+    os.environ.pop("HF_HUB_CACHE", None)
+    yield path
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def start_server(hf_home, tmp_path_factory):
+    """A factory of servers (stopped at the end of the session): ``start_server(**flags)``."""
+    from losskit.service.server import BackgroundServer
+
+    servers = []
+
+    def start(**flags):
+        flags.setdefault("port", 0)
+        flags.setdefault("state_dir", str(tmp_path_factory.mktemp("state")))
+        server = BackgroundServer(make_settings(**flags)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server):
+    """The default server (shared by most tests; each test uses its own session)."""
+    return start_server()
+
+
+@pytest.fixture
+def client(server):
+    from losskit.client import TinkerClient
+
+    c = TinkerClient(server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        yield h
+
+
+def internal_id(client, alias: str) -> str:
+    """The engine's id of a client's model."""
+    return f"{client.session_id}:native:{alias}"
