@@ -1,5 +1,5 @@
 """EntropyModifier (seed 000, spec/modifiers.md §3.4, acceptance 2, 3, 12): the batch weight, the seed batch end to end,
-detached and differentiable weights, the debug line."""
+detached and differentiable weights, the debug line, the per-position rule and the per-sample mean."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from losskit import kernels
 from losskit.modifiers import entropy_batch_weight
+from losskit.modifiers.entropy import position_entropy, sample_entropy
 
 from . import oracle
 from .conftest import ENT, F64, IMPLS_F64, SEED_TARGETS, SMO, pipe_of, random_batch, seed_logits
@@ -78,3 +79,26 @@ def test_entropy_debug_line(caplog):
     msg = record.getMessage()
     assert "iter=12" in msg and "valid=4" in msg and "weight=0.795763" in msg and "clamped=0" in msg
     assert "H_bar[:8]=[1.002286, 0.589241]" in msg
+
+
+# ---- the per-position and per-sample pieces ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-8, 0.3, 0.0])
+def test_position_entropy_drops_rows_without_wrong_mass(eps):
+    """Ĥ = 0 where 1 − p_y <= eps (the boundary included, and 1 − p_y = 0 or underflowing), H(q) elsewhere."""
+    one_minus_p = torch.tensor([[0.0, 1e-300, 1e-8, 0.3, 0.31, 0.9], [0.5, 2e-8, 0.29, 1.0, 0.7, 0.05]],
+                               dtype=F64)
+    h = torch.rand(2, 6, generator=torch.Generator().manual_seed(2), dtype=F64) + 0.1
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    got = position_entropy(h, one_minus_p.log(), valid, eps=eps)
+    keep = valid & (one_minus_p > eps) if eps > 0 else valid
+    assert torch.equal(got, torch.where(keep, h, 0.0))
+    assert int((got != 0).sum()) == {1e-8: 7, 0.3: 4, 0.0: 10}[eps]
+
+
+def test_sample_entropy_is_the_mean_over_valid_positions():
+    h = torch.tensor([[1.0, 2.0, 9.0], [5.0, 5.0, 5.0], [0.5, 1.5, 4.0]], dtype=F64)
+    valid = torch.tensor([[True, True, False], [False, False, False], [True, True, True]])
+    got = sample_entropy(h, valid)
+    torch.testing.assert_close(got, torch.tensor([1.5, 0.0, 2.0], dtype=F64), rtol=0, atol=0)
