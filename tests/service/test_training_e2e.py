@@ -1,5 +1,6 @@
 """End to end through a real server and losskit.client: SFT, forward == forward_backward, RL with sampled logprobs."""
 
+import itertools
 import math
 
 import pytest
@@ -37,7 +38,7 @@ def test_sft_loop_learns_and_forward_equals_forward_backward(client, server):
         per_token.append(m["loss:sum"] / m["weights:sum"])
     assert per_token[-1] <= 0.85 * per_token[0], per_token
     moving = [sum(per_token[i:i + 5]) / 5 for i in range(len(per_token) - 4)]
-    assert all(b <= a + 1e-6 for a, b in zip(moving, moving[1:])), moving
+    assert all(b <= a + 1e-6 for a, b in itertools.pairwise(moving)), moving
 
     forward = client.forward(model, data, "cross_entropy")
     grads = server.engine.debug_gradients(internal_id(client, model))
