@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import warnings
 from collections.abc import Generator, Mapping
 from typing import Any
 
@@ -161,10 +162,16 @@ class Backend:
         self._activate(base, adapter)
         return self._register(key, base, spec, adapter)
 
-    def delete(self, model: TrainingModel) -> None:
-        base = model.base
-        base.peft.delete_adapter(model.adapter)
+    @staticmethod
+    def _delete_adapter(base: BaseModel, adapter: str) -> None:
+        with warnings.catch_warnings():
+            # peft warns when the active adapter goes; the next unit activates its own adapter anyway
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            base.peft.delete_adapter(adapter)
         base.active = None
+
+    def delete(self, model: TrainingModel) -> None:
+        self._delete_adapter(model.base, model.adapter)
         model.params.clear()
 
     def debug_gradients(self, model: TrainingModel) -> dict[str, torch.Tensor | None]:
@@ -453,15 +460,14 @@ class Backend:
             for n, p in named.items():
                 k = n.replace(f".{adapter}.", ".")
                 if k not in snap.weights:
-                    base.peft.delete_adapter(adapter)
+                    self._delete_adapter(base, adapter)
                     raise ServiceError("checkpoint_corrupted", f"checkpoint {path} lacks tensor {k}")
                 p.copy_(snap.weights[k].to(p.device, p.dtype))
                 p.requires_grad_(False)
         base.samplers[key] = adapter
         while len(base.samplers) > SAMPLER_CACHE:
             _, old = base.samplers.popitem(last=False)
-            base.peft.delete_adapter(old)
-            base.active = None
+            self._delete_adapter(base, old)
         return adapter
 
     def sample(self, target: TrainingModel | tuple[BaseInfo, str, snapshots.AdapterSnapshot, str] | BaseInfo,
