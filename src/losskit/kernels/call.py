@@ -8,8 +8,8 @@ budget), and returns a frozen ``Call``. Nothing below it checks again: ``stats``
 
 Which gradient mode a fused call takes (the eager/deferred policy)::
 
-    eager   = impl is "chunked" and reduction == "sum" and a gradient is wanted
-              and (grad_mode == "forward" or (grad_mode == "auto" and not on CUDA))
+    eager   = impl is "chunked" or "triton", reduction == "sum" and a gradient is wanted, and
+              grad_mode == "forward", or grad_mode == "auto" and (impl == "triton" or not on CUDA)
     deferred otherwise (G written in backward from saved row constants; "torch" is always autograd)
 """
 
@@ -253,12 +253,12 @@ def reduce_rows(x: torch.Tensor, call: Call, weight: torch.Tensor | None) -> tor
 
 
 def _eager(call: Call) -> bool:
-    return (
-        call.impl == "chunked"
-        and call.reduction == "sum"
-        and call.grad_wanted
-        and (call.grad_mode == "forward" or (call.grad_mode == "auto" and call.logits.device.type != "cuda"))
-    )
+    if call.impl not in ("chunked", "triton") or call.reduction != "sum" or not call.grad_wanted:
+        return False
+    if call.grad_mode == "forward":
+        return True
+    # chunked on CUDA stays deferred under "auto": its eager pass holds a chunk-sized G buffer per step
+    return call.grad_mode == "auto" and (call.impl == "triton" or call.logits.device.type != "cuda")
 
 
 def fused(call: Call) -> FusedLoss:
@@ -277,9 +277,14 @@ def _fused_eager(call: Call) -> FusedLoss:
     normalizer = call.normalizer
     graph_norm = normalizer is not None and normalizer.requires_grad and torch.is_grad_enabled()
     norm_in = normalizer.detach() if graph_norm else normalizer
-    opts = chunked.FusedOptions(call.prep, _plan(call), call.smoothing, call.z_loss, call.grad_scale,
-                                call.inplace_grad)
-    out = chunked.FusedTokenLossFunction.apply(call.logits, call.token_weight, norm_in, opts)
+    if call.impl == "triton":
+        tr = _triton()
+        opts = tr.FusedOptions(call.prep, call.smoothing, call.z_loss, call.grad_scale, call.inplace_grad)
+        out = tr.FusedTokenLossFunction.apply(call.logits, call.token_weight, norm_in, opts)
+    else:
+        opts = chunked.FusedOptions(call.prep, _plan(call), call.smoothing, call.z_loss, call.grad_scale,
+                                    call.inplace_grad)
+        out = chunked.FusedTokenLossFunction.apply(call.logits, call.token_weight, norm_in, opts)
     loss, token_loss = out[0], out[1]
     if graph_norm:
         # The value is Σ/normalizer; the ratio is exactly 1, so the upstream reaching the Function stays

@@ -2,7 +2,8 @@
 
 | situation                                              | result                                   |
 |--------------------------------------------------------|------------------------------------------|
-| CUDA, ``losskit.kernels.triton`` importable, fp16/bf16/fp32 | ``"triton"``                        |
+| CUDA, Triton importable and GPU-validated, fp16/bf16/fp32 | ``"triton"``                          |
+| CUDA, Triton importable, not yet GPU-validated         | ``"chunked"`` (``"triton"`` is opt-in)  |
 | CUDA, Triton missing (warn once) or another dtype      | ``"chunked"``                            |
 | CPU or any other device                                | ``"chunked"``                            |
 | fp64 logits                                            | ``"chunked"`` (also for explicit triton) |
@@ -26,6 +27,11 @@ import torch
 from losskit.contract import LossInputError
 
 IMPLS: tuple[str, ...] = ("auto", "torch", "chunked", "triton")
+#: Whether ``"auto"`` may pick ``"triton"`` on CUDA. The Triton kernels pass their whole test matrix under the
+#: interpreter, but the GPU checks (full-size parity, no host sync, CUDA graphs, determinism, torch.compile) have
+#: not yet run on a real GPU; until they have, Triton is opt-in (``impl="triton"``) and ``"auto"`` keeps
+#: ``"chunked"`` on CUDA.
+TRITON_GPU_VALIDATED = False
 ENV_VAR = "LOSSKIT_KERNELS_IMPL"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -90,7 +96,7 @@ def resolve_impl(impl: str, logits: torch.Tensor) -> str:
         return "triton"
     # impl == "auto"
     if device.type == "cuda":
-        if logits.dtype in _TRITON_DTYPES and triton_available():
+        if logits.dtype in _TRITON_DTYPES and triton_available() and TRITON_GPU_VALIDATED:
             return "triton"
         if not triton_available():
             _warn_triton_missing()
