@@ -10,8 +10,10 @@ thread of the current process (tests, benchmarks, notebooks)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -160,8 +162,15 @@ def serve(settings: ServeSettings, *, banner) -> int:
     app = create_app(service)
     banner(url_of(settings.host, sock.getsockname()[1]))
     server = _uvicorn_server(app, settings)
+    # Our own SIGINT/SIGTERM handling: a graceful stop, then exit 0 (uvicorn's handlers re-raise the signal after
+    # shutting down, which would end the process with the signal's status before the engine is stopped).
+    server.capture_signals = contextlib.nullcontext
+    stop = lambda *_: setattr(server, "should_exit", True)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         service.stop()
     return 0
