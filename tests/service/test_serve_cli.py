@@ -39,10 +39,16 @@ def test_non_loopback_without_a_key_exits_2(tmp_path):
     assert "--api-key" in result.stderr and "--allow-unauthenticated" in result.stderr
 
 
-def test_bad_flags_exit_2(tmp_path):
-    assert _serve(["--workers", "2"], _env(tmp_path)).returncode == 2
-    assert _serve(["--model", "no-equals-sign"], _env(tmp_path)).returncode == 2
-    assert _serve(["--port", "-1"], _env(tmp_path)).returncode == 2
+def test_bad_flags_exit_2(capsys):
+    from losskit.service.cli import main as serve_main
+
+    assert serve_main(["--workers", "2"]) == 2 and "--workers must be 1" in capsys.readouterr().err
+    assert serve_main(["--model", "no-equals-sign"]) == 2 and "NAME=DIR" in capsys.readouterr().err
+    assert serve_main(["--host", "10.1.2.3", "--no-tinker-surface"]) == 2
+    assert serve_main(["--port", "-1"]) == 2 and "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        serve_main(["--dtype", "float8"])
+    assert info.value.code == 2
 
 
 def test_a_tinker_version_outside_the_pin_exits_2_naming_both(tmp_path):

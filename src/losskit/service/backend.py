@@ -380,7 +380,9 @@ class Backend:
         if cfg.get("peft_type") not in ("LORA", None):
             raise ServiceError("checkpoint_corrupted", f"checkpoint {path} is not a LoRA adapter")
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
-        cfg = {k: v for k, v in cfg.items() if k in fields and k not in ("peft_type", "auto_mapping")}
+        # base_model_name_or_path is the run's base model, already resolved; peft would warn about renaming it
+        cfg = {k: v for k, v in cfg.items()
+               if k in fields and k not in ("peft_type", "auto_mapping", "base_model_name_or_path")}
         cfg["lora_dropout"] = 0.0
         return LoraConfig(**cfg)
 
