@@ -1,9 +1,6 @@
 """DDP with real gloo processes: 2 ranks x 4 micro-batches == 1 process x 8 micro-batches (global_tokens), and
 logged modifier metrics are the mean over ranks (spec/modifiers.md acceptance 19, 23)."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -11,12 +8,6 @@ import torch.multiprocessing as mp
 CONFIG = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 2, "device": "cpu",
           "loss_modifiers_enabled": True, "target_smoothing_enabled": True, "target_smoothing_special_tokens": [0, 1],
           "mask_ratio_weight_enabled": True, "entropy_modifier_enabled": True, "entropy_modifier_per_sample": True}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(rank: int, world: int, micro: int):
@@ -49,21 +40,31 @@ def _step(rank: int, world: int, micro: int):
     return res.loss, [p.grad.clone() for p in model.parameters()], logged
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, store, out):
+    """One rank. The rendezvous is a file store (no TCP port that another process could take between choosing
+    it and binding it), and the teardown is the trainer's: a barrier, ``destroy_process_group``, then an exit
+    without interpreter finalization, because DDP keeps the gloo backend's native threads alive past
+    ``destroy_process_group`` (``losskit.train.runtime.teardown_runtime``)."""
+    from losskit.train.runtime import Runtime, exit_process, native_threads_left, teardown_runtime
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rt = Runtime(torch.device("cpu"), None, rank, world, owns_group=True)
+    finished = False
     try:
         loss, grads, logged = _step(rank, world, 4)
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "logged": logged}, out)
+        finished = True
     finally:
-        torch.distributed.destroy_process_group()
+        teardown_runtime(rt, synchronize=finished)
+    assert native_threads_left()
+    exit_process(0)
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     loss, grads, _logged = _step(0, 1, 8)
     # rank 0's logged loss is share x world averaged over ranks = the whole step loss
@@ -73,3 +74,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # metrics are the mean over ranks: the probe is 0 on rank 0 and 1 on rank 1
     assert ddp["logged"]["probe/rank"] == pytest.approx(0.5)
     assert "loss_modifiers/MaskRatioWeightModifier.mean_weight" in ddp["logged"]
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_process_flushes_and_keeps_the_exit_code(code):
+    import subprocess
+    import sys
+
+    script = ("import sys; from losskit.train.runtime import exit_process; sys.stdout.write('out'); "
+              f"sys.stderr.write('err'); exit_process({code})")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (code, "out", "err")

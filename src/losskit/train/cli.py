@@ -8,6 +8,7 @@ validated once (``losskit.config.build_train_config``), so every problem is repo
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import textwrap
 
@@ -19,6 +20,7 @@ from losskit.config import (
     train_config_keys,
 )
 from losskit.contract import ConfigError, LossInputError
+from losskit.train.runtime import exit_process, native_threads_left
 from losskit.train.tasks import TASK_DESCRIPTIONS, run_task
 
 
@@ -27,6 +29,9 @@ def registered_prefixes() -> tuple[str, ...]:
     from losskit.modifiers import registered_modifiers
 
     return tuple(registered_modifiers())
+
+
+HELP_COLUMN = 45
 
 
 def help_text(task: str = "lm") -> str:
@@ -49,9 +54,10 @@ def help_text(task: str = "lm") -> str:
         (f"common keys (defaults of task {task!r})", [f for f in fields.values() if f.name in common]),
         (f"keys of task {task!r}", [f for f in fields.values()
                                    if f.name not in common and not f.metadata.get("modifier")]),
-        ("loss-modifier keys (spec/modifiers.md §3.10; `losskit modifiers` explains them)",
+        ("loss-modifier keys (`losskit modifiers` explains them; docs/modifiers.md)",
          [f for f in fields.values() if f.metadata.get("modifier")]),
     ]
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
     for title, group in groups:
         if not group:
             continue
@@ -59,11 +65,13 @@ def help_text(task: str = "lm") -> str:
         for f in group:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             head = f"  --{f.name}={default!r}"
-            help_ = f.metadata.get("help", "")
-            if len(head) < 44:
-                lines.append(f"{head:<44} {help_}")
+            # the help column starts at 45 and wraps under itself to the terminal's width
+            wrapped = textwrap.wrap(f.metadata.get("help", ""), width - HELP_COLUMN) or [""]
+            if len(head) < HELP_COLUMN - 1:
+                lines.append(f"{head:<{HELP_COLUMN - 1}} {wrapped[0]}".rstrip())
             else:
-                lines += [head, textwrap.indent(help_, " " * 45)]
+                lines += [head, " " * HELP_COLUMN + wrapped[0]]
+            lines += [" " * HELP_COLUMN + more for more in wrapped[1:]]
     return "\n".join(lines)
 
 
@@ -73,10 +81,13 @@ def main(argv: list[str]) -> int:
         task = next((a.split("=", 1)[1] for a in argv if a.startswith("--task=")), "lm")
         print(help_text(task if task in TRAIN_CONFIGS else "lm"))
         return 0
+    code = 0
     try:
         cfg = build_train_config(load_config(argv), prefixes=registered_prefixes())
         run_task(cfg)
     except (ConfigError, LossInputError) as exc:
         print(f"losskit train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    if native_threads_left():  # a DDP run (torchrun): see losskit.train.runtime.teardown_runtime
+        exit_process(code)
+    return code

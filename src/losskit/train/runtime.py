@@ -72,11 +72,57 @@ def setup_runtime(cfg: Any) -> Runtime:
     return Runtime(device, resolve_autocast(cfg.dtype, device), rank, world, owns)
 
 
-def teardown_runtime(rt: Runtime) -> None:
+#: Set once this process has destroyed a process group it used with DistributedDataParallel (see
+#: ``teardown_runtime``); the command line then ends the process with ``exit_process``.
+_NATIVE_THREADS_LEFT = False
+
+
+def teardown_runtime(rt: Runtime, *, synchronize: bool = True) -> None:
+    """Leave the process group: a barrier (on a normal finish), then ``destroy_process_group``.
+
+    The barrier keeps any rank from tearing down while another still has collectives in flight (rank 0 saving
+    the last checkpoint while rank 1 exits). After an error it is skipped: the other ranks may never reach it.
+
+    Why the process should then end with ``exit_process``: once a ``DistributedDataParallel`` module has been
+    built, ``destroy_process_group()`` does not free the gloo backend (torch 2.13: a reference inside DDP's
+    native state keeps it, surviving ``del`` and ``gc.collect()``), so its worker and transport threads keep
+    running until the interpreter finalizes. Native threads torn down during interpreter finalization abort the
+    process at random under load ("terminate called without an active exception", SIGABRT), which turned a
+    finished run into a failed one.
+    """
+    global _NATIVE_THREADS_LEFT
     if rt.owns_group:
         import torch.distributed as dist
 
-        dist.destroy_process_group()
+        try:
+            if synchronize:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+            _NATIVE_THREADS_LEFT = True
+
+
+def native_threads_left() -> bool:
+    """Whether this process tore down a process group whose native threads outlive it (``teardown_runtime``)."""
+    return _NATIVE_THREADS_LEFT
+
+
+def exit_process(code: int) -> None:
+    """Flush every output and end the process now, without interpreter finalization (``os._exit``).
+
+    For a process in which ``native_threads_left()``: files are closed by then (sinks, checkpoints), so skipping
+    finalization loses nothing, and the leftover native threads never meet a finalizing interpreter.
+    """
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def save_resolved_config(out_dir: str | pathlib.Path, config: dict, *, print_it: bool = True) -> pathlib.Path:
