@@ -25,5 +25,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_cross_entropy.py --cpu
 
+# what the targets above create: the venv and its egg-info (setup), runs (run), CSVs (bench), test caches (test)
 clean:
-	rm -rf $(VENV) runs bench_results
+	rm -rf $(VENV) out bench_results .pytest_cache .ruff_cache .hypothesis src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,7 +1,6 @@
-# Example config for `losskit train config/diffusion_digits.py` (spec/diffusion.md §9):
+# Example config for `losskit train config/diffusion_digits.py` (docs/diffusion.md):
 # the digits denoiser with min-SNR-gamma weighting (Hang et al. 2023), epsilon prediction.
 task = "diffusion"
-out_dir = "out/diffusion_min_snr"
 
 schedule = "cosine"
 num_timesteps = 1000

@@ -1,6 +1,6 @@
 """Configuration sources: python/YAML config files and ``--key=value`` command-line overrides.
 
-This is nanoGPT's configurator made explicit (spec/modifiers.md §3.10): ``python train.py [cfg.py|cfg.yaml]
+This is nanoGPT's configurator made explicit (docs/training.md): ``python train.py [cfg.py|cfg.yaml]
 --key=value ...``. Positional arguments are config files, applied in order; ``--key=value`` overrides are applied
 after every file. Override values stay strings here: each consumer types them by the key's *declared* type
 (``losskit.modifiers.config_keys.coerce_value`` for modifier keys), so validation runs once, on the merged result.
@@ -155,7 +155,7 @@ def load_config(argv: Sequence[str], *, base: Mapping[str, Any] | None = None) -
 
 # ==========================================================================================================
 # Trainer dataclasses (`losskit train`): common keys with nanoGPT's names, one dataclass per task, and
-# `build_train_config`, which types, validates and rejects unknown keys (spec/modifiers.md §3.10).
+# `build_train_config`, which types, validates and rejects unknown keys (docs/training.md lists them).
 # ==========================================================================================================
 
 
@@ -178,13 +178,17 @@ class CommonTrainConfig:
     """Keys shared by every task; names follow nanoGPT where nanoGPT has one."""
 
     task: str = _key("lm", "training task", choices=("lm", "temporal", "diffusion"))
-    out_dir: str = _key("out/lm", "run directory: checkpoint, config.yaml, metrics.jsonl")
-    eval_interval: int = _key(250, "evaluate val/loss every this many iterations (and at the end)", **_POS)
-    log_interval: int = _key(25, "console line and metric sinks every this many iterations", **_POS)
+    out_dir: str | None = _key(None, "run directory (config.yaml, metrics.jsonl, ckpt.pt); unset = a new "
+                               "out/<task>/run-N with out/<task>/latest pointing at it; DIR = exactly DIR, "
+                               "never replacing a run already there")
+    eval_interval: int = _key(250, "evaluate val/loss every this many steps (and at the end)", **_POS)
+    log_interval: int = _key(25, "console line and metric sinks every this many steps", **_POS)
     eval_iters: int = _key(20, "validation batches per evaluation", **_POS)
-    eval_only: bool = _key(False, "evaluate once and exit (nanoGPT)")
+    eval_only: bool = _key(False, "evaluate once and exit (nanoGPT); with init_from=resume the run directory is "
+                           "left unchanged")
     always_save_checkpoint: bool = _key(False, "save at every eval, not only when val/loss improves")
-    init_from: str = _key("scratch", "'scratch' or 'resume' (from out_dir/ckpt.pt)", choices=("scratch", "resume"))
+    init_from: str = _key("scratch", "'scratch' or 'resume': continue out_dir (a run directory, or the latest run "
+                          "of a task folder; unset = out/<task>/latest) from its ckpt.pt", choices=("scratch", "resume"))
     wandb_log: bool = _key(False, "log to Weights & Biases (works with WANDB_MODE=offline)")
     wandb_project: str = _key("losskit", "W&B project")
     wandb_run_name: str = _key("run", "W&B run name")
@@ -200,7 +204,8 @@ class CommonTrainConfig:
     dropout: float = _key(0.0, "attention dropout", **_UNIT)
     bias: bool = _key(False, "biases in linear layers (export: attention_bias and mlp_bias)")
     learning_rate: float = _key(3e-3, "peak learning rate (AdamW)", **_POS)
-    max_iters: int = _key(500, "optimizer steps", **_NONNEG)
+    max_iters: int = _key(500, "optimizer steps of the whole run; on resume, a value below the checkpoint's "
+                          "iteration is an error (nothing is written) and an equal one trains nothing", **_NONNEG)
     weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)", **_NONNEG)
     beta1: float = _key(0.9, "AdamW beta1", **_UNIT)
     beta2: float = _key(0.99, "AdamW beta2", **_UNIT)
@@ -254,9 +259,8 @@ class LMTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
 
 @_dc.dataclass
 class TemporalTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
-    """Task `temporal` (spec/temporal.md §6): the recurrent digits network with energy loss."""
+    """Task `temporal` (docs/temporal.md): the recurrent digits network with energy loss."""
 
-    out_dir: str = _key("out/temporal", "run directory")
     dataset: str = _key("digits", "scikit-learn's bundled digits")
     batch_size: int = _key(64, "images per batch", **_POS)
     learning_rate: float = _key(3e-3, "Adam learning rate", **_POS)
@@ -270,16 +274,17 @@ class TemporalTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
     tau: float = _key(4.0, "time constant (leak alpha = dt/tau, 0 < alpha <= 1)", **_POS)
     noise_std: float = _key(0.5, "stimulus noise standard deviation", **_NONNEG)
     channels: int = _key(16, "feature channels", **_POS)
-    criterion: list | None = _key(None, "weighted loss list (spec/temporal.md §4); None = CE + 0.05 energy")
+    criterion: list | None = _key(None, "weighted loss list (docs/temporal.md); None = CE + 0.05 energy")
     num_threads: int | None = _key(1, "torch intra-op threads on CPU (None = torch's default)")
     energy_weight: float | None = _key(None, "overrides the weight of the energy_loss criterion entry")
+    allow_no_supervision: bool = _key(False, "train even when pattern, dt and loss_reaction_time leave no timestep "
+                                      "with a label (otherwise a start-up error)")
 
 
 @_dc.dataclass
 class DiffusionTrainConfig(CommonTrainConfig, ModifierKeys, _ExtraKeys):
-    """Task `diffusion` (spec/diffusion.md §9): an MLP denoiser on the digits; SNR weightings."""
+    """Task `diffusion` (docs/diffusion.md): an MLP denoiser on the digits; SNR weightings."""
 
-    out_dir: str = _key("out/diffusion", "run directory")
     dataset: str = _key("digits", "scikit-learn's bundled digits")
     batch_size: int = _key(128, "images per batch", **_POS)
     learning_rate: float = _key(2e-3, "AdamW learning rate", **_POS)

@@ -183,13 +183,16 @@ def test_end_to_end_300_iterations(tmp_path):
 
     import matplotlib.image
 
-    for name, shape in (("samples.png", (73, 73)), ("buckets.png", None)):
+    for name, shape in (("samples.png", (292, 292)), ("buckets.png", None)):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n", name
         img = matplotlib.image.imread(tmp_path / name)  # decodes the whole file: a valid PNG
         if shape is not None:
-            assert img.shape[:2] == shape  # 8x8 tiles of 8x8 pixels with 1-pixel borders
-    grid = matplotlib.image.imread(tmp_path / "samples.png")[..., 0]
+            assert img.shape[:2] == shape  # 8x8 tiles of 8x8 pixels with 1-pixel borders, each pixel 4x4
+    full = matplotlib.image.imread(tmp_path / "samples.png")[..., 0]
+    # nearest-neighbour upscaling: every 4x4 block is one colour; the 73-pixel grid is one pixel per block
+    assert (full == full[::4, ::4].repeat(4, 0).repeat(4, 1)).all()
+    grid = full[::4, ::4]
     borders = grid[::9, :]
     assert (borders == borders.min()).all()  # the 1-pixel separators are the -1 (black) background
     tiles = [grid[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c] for r in range(8) for c in range(8)]

@@ -203,3 +203,38 @@ def test_default_run(tmp_path, capsys):
     for name in ("metrics.csv", "config.yaml", "temporal_losses.png", "metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
     print(f"default run: {seconds:.1f} s, val acc {summary['val_acc']:.3f}", file=sys.stderr)
+
+
+# -- start-up check: a schedule that supervises nothing -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern,steps,dt,reaction", [
+    ("1000111000", 10, 2.0, 6.0),  # the seed's reaction example: k = 3 covers both chunks
+    ("1000", 4, 2.0, 2.0),  # k = 1 covers the single one-step chunk
+    ("1100", 8, 1.0, 4.0),  # stretched to 11110000: k = 4 covers the chunk
+])
+def test_no_supervised_timestep_is_a_startup_error(tmp_path, capsys, pattern, steps, dt, reaction):
+    argv = ["--task=temporal", "--epochs=1", "--channels=4", f"--pattern={pattern}", f"--n_timesteps={steps}",
+            f"--dt={dt}", f"--loss_reaction_time={reaction}", f"--tau={max(dt, 4.0)}"]
+    assert train_cli.main([*argv, f"--out_dir={tmp_path / 'refused'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no timestep has a label" in err and "--allow_no_supervision=True" in err
+    assert not (tmp_path / "refused").exists()
+    # the user can insist; the run then trains on the energy term alone
+    assert train_cli.main([*argv, "--allow_no_supervision=True", f"--out_dir={tmp_path / 'allowed'}"]) == 0
+    assert (tmp_path / "allowed" / "metrics.jsonl").is_file()
+
+
+def test_a_schedule_with_labels_starts(tmp_path):
+    out = run(build_train_config({"task": "temporal", "epochs": 1, "channels": 4, "pattern": "1000111000",
+                                  "n_timesteps": 10, "dt": 2.0, "loss_reaction_time": 2.0,
+                                  "out_dir": str(tmp_path)}))
+    assert out["val_acc"] >= 0.0 and (tmp_path / "metrics.csv").is_file()
+
+
+def test_each_warning_sign_is_printed_once(tmp_path, capfd):
+    assert train_cli.main(["--task=temporal", "--energy_weight=100", "--epochs=1", "--channels=4",
+                           f"--out_dir={tmp_path}"]) == 0
+    captured = capfd.readouterr()
+    lines = [ln for ln in (captured.out + captured.err).splitlines() if "warning sign" in ln]
+    assert len(lines) == 1 and lines[0].startswith("! warning sign (epoch 1): weighted energy")

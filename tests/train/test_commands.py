@@ -1,6 +1,7 @@
 """export (logits equal to the project model), sample, plot and compare on a tiny trained run."""
 
 import csv
+import re
 
 import pytest
 import torch
@@ -40,6 +41,43 @@ def test_export_logits_equal_the_project_model(run_dir, tmp_path):
     assert hf.config.attention_bias is False and hf.config.mlp_bias is False
 
 
+@pytest.mark.parametrize("prompt", ["def f(x):\n    return", "The ", ""])
+def test_exported_tokenizer_and_greedy_generation_match_losskit_sample(run_dir, tmp_path, prompt):
+    """``tok(prompt)`` is what ``losskit sample`` feeds the model, and HF greedy decoding continues it alike."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from losskit.train.sample import generate_ids, sample_text
+    from losskit.train.tokenizer import prompt_ids
+
+    out = tmp_path / "hf"
+    assert losskit(["export", str(run_dir), str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    enc = tok(prompt, return_tensors="pt")
+    assert enc.input_ids[0].tolist() == prompt_ids(prompt)
+    generated = hf.generate(**enc, do_sample=False, max_new_tokens=12)[0, enc.input_ids.shape[1]:].tolist()
+    ours = generate_ids(str(run_dir), prompt, max_new_tokens=12, temperature=0)
+    assert generated == ours and len(ours) >= 1
+    text = tok.decode(enc.input_ids[0].tolist() + generated, skip_special_tokens=True)
+    assert text == sample_text(str(run_dir), prompt, max_new_tokens=12, temperature=0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_get_normal_permissions(run_dir, tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        assert losskit(["export", str(run_dir), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "hf").iterdir())
+    assert "model.safetensors" in {f.name for f in files}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+
+
 def test_export_missing_checkpoint_is_an_error(tmp_path, capsys):
     assert losskit(["export", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "ckpt.pt" in capsys.readouterr().err
@@ -67,7 +105,20 @@ def test_export_tinker_path_says_the_service_is_not_included(tmp_path, capsys):
 def test_sample(run_dir, capsys):
     assert losskit(["sample", str(run_dir), "--prompt", "The ", "--max_new_tokens", "12", "--temperature", "0"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("The ")
+    from losskit.train.sample import generate_ids
+
+    ids = generate_ids(str(run_dir), "The ", max_new_tokens=12, temperature=0)
+    assert text.startswith("The ") and 1 <= len(ids) <= 12
+    assert generate_ids(str(run_dir), "The ", max_new_tokens=0) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "temperature must be >= 0"), (["--top_k", "0"], "top_k must be >= 1"),
+    (["--max_new_tokens", "-2"], "max_new_tokens must be >= 0"),
+])
+def test_sample_rejects_bad_options(run_dir, capsys, args, message):
+    assert losskit(["sample", str(run_dir), *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_plot_writes_png(run_dir, tmp_path):
@@ -95,6 +146,18 @@ def test_compare_table_and_png(tmp_path, tiny_argv, capsys):
     assert first[0] == first[1]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| smooth |" in (out / "compare.md").read_text()
+    # rounded to what is meaningful: losses to 4 decimals, whole tokens/s, seconds to 0.1 s
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0] == "| variant | final val/loss | best val/loss | tokens/s | wall s | run_dir |"
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert re.fullmatch(r"\d+\.\d{4}", cells[1]) and re.fullmatch(r"\d+\.\d{4}", cells[2])
+        assert re.fullmatch(r"\d{1,3}(,\d{3})*", cells[3]) and re.fullmatch(r"\d+\.\d", cells[4]), cells
+    assert all(re.fullmatch(r"\d+", r["tokens/s"]) and re.fullmatch(r"\d+\.\d", r["wall s"]) for r in rows)
+    # a second compare into the same directory would replace the variants' runs: refused before training
+    capsys.readouterr()
+    assert losskit(["compare", *tiny_argv, "--max_iters=2", "--variant", "baseline", "--out_dir", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_compare_bad_variant_fails_before_training(tmp_path, capsys):

@@ -28,7 +28,7 @@ def test_tiny_run_writes_run_dir_and_resumes(tmp_path, tiny_config):
     resumed = lm.run(tiny_config(tmp_path, "--init_from=resume", iters=9), progress=False)
     assert resumed["iters"] == 3
     steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
-    assert steps == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 @pytest.mark.slow

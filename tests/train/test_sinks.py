@@ -159,7 +159,7 @@ def test_wandb_run_goes_under_wandb_dir_when_set(tmp_path, tiny_config, wandb_of
     lm.run(tiny_config(tmp_path, "--wandb_log=True", "--eval_interval=100", iters=1), progress=False)
     (wb_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
     history = wandb_history(read_wandb_records(wb_file))
-    assert set(history) == {0, 1} and "train/loss" in history[0] and "val/loss" in history[1]
+    assert set(history) == {0, 1} and "val/loss" in history[0] and {"train/loss", "val/loss"} <= set(history[1])
     assert not (tmp_path / "run" / "wandb").exists()
     assert not (tmp_path / "run" / "tensorboard").exists()  # tensorboard_log defaults to False
 
@@ -167,14 +167,15 @@ def test_wandb_run_goes_under_wandb_dir_when_set(tmp_path, tiny_config, wandb_of
 def test_console_line_every_log_interval(tmp_path, tiny_config, capsys):
     lm.run(tiny_config(tmp_path, *MASK_RATIO, "--log_interval=2", "--eval_interval=4", iters=5), progress=False)
     lines = capsys.readouterr().out.splitlines()
-    iters = [ln for ln in lines if ln.startswith("iter ")]
-    # every log_interval, and the last iteration
-    assert [ln.split(":")[0] for ln in iters] == ["iter 0", "iter 2", "iter 4"]
+    iters = [ln for ln in lines if ln.startswith("step ") and "train/loss" in ln]
+    # every log_interval completed steps, and the last step; both losses under their logged names
+    assert [ln.split(":")[0] for ln in iters] == ["step 2", "step 4", "step 5"]
     rows = jsonl_by_step(read_metrics(tmp_path / "run"))
     for ln in iters:
         step = int(ln.split(":")[0].split()[1])
-        assert f"loss {rows[step]['train/loss']:.4f}, raw {rows[step]['train/loss_raw']:.4f}" in ln
-        assert ln.endswith(" tok/s") and len(ln) < 100  # compact: one short line
+        assert (f"train/loss {rows[step]['train/loss']:.4f} (modified), "
+                f"train/loss_raw {rows[step]['train/loss_raw']:.4f} (plain CE)") in ln
+        assert ln.endswith(" tok/s") and len(ln) < 110  # compact: one short line
     vals = [ln for ln in lines if ln.startswith("step ") and "val/loss" in ln]
     assert [ln.split(":")[0] for ln in vals] == ["step 0", "step 4", "step 5"]
     assert f"val/loss {rows[4]['val/loss']:.4f}" in vals[1]
@@ -194,8 +195,8 @@ def test_jsonl_rows_average_modifier_metrics_over_the_log_interval(tmp_path, tin
     lm.run(tiny_config(tmp_path, "--loss_modifiers_enabled=True", "--entropy_modifier_enabled=True",
                        "--log_interval=2", "--eval_interval=100", iters=4), progress=False)
     steps, values = series(read_metrics(tmp_path / "run"), ENTROPY_KEY)
-    assert steps == [0, 2, 3] and len(seen) == 4
-    assert values == pytest.approx([seen[0], (seen[1] + seen[2]) / 2, seen[3]], rel=1e-12)
+    assert steps == [2, 4] and len(seen) == 4
+    assert values == pytest.approx([(seen[0] + seen[1]) / 2, (seen[2] + seen[3]) / 2], rel=1e-12)
     assert len(set(seen)) == 4  # every step differs, so the average is not a constant
 
 

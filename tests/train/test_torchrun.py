@@ -68,7 +68,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert proc.stdout.count("resolved config:") == 1 and proc.stdout.count("done: val/loss") == 1
     rows = read_metrics(out)
     train_rows = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in train_rows] == list(range(ITERS))  # one row per step: no second writer
+    assert [r["step"] for r in train_rows] == list(range(1, ITERS + 1))  # one row per step: no second writer
     assert [r["step"] for r in rows if "val/loss" in r] == [0, ITERS]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train_rows)
 

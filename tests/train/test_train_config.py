@@ -37,8 +37,7 @@ def test_every_task_dataclass_holds_common_task_and_modifier_keys():
 
 def test_task_defaults():
     t = build_train_config({"task": "temporal"})
-    assert (t.batch_size, t.learning_rate, t.seed, t.out_dir, t.device, t.epochs) == (64, 3e-3, 0, "out/temporal",
-                                                                                      "cpu", 30)
+    assert (t.batch_size, t.learning_rate, t.seed, t.out_dir, t.device, t.epochs) == (64, 3e-3, 0, None, "cpu", 30)
     d = build_train_config({"task": "diffusion"})
     assert (d.loss_modifiers_enabled, d.learning_rate, d.batch_size, d.max_iters, d.seed) == (True, 2e-3, 128, 3000,
                                                                                               1337)
@@ -129,7 +128,7 @@ def test_help_documents_every_key(capsys):
     (["--data=LATIN1"], "not UTF-8"),
     (["--data=EMPTY"], "is empty"),
     (["--target_smoothing_factor=2"], "target_smoothing_factor"),
-    (["--init_from=resume"], "needs a checkpoint"),
+    (["--init_from=resume"], "needs a run to continue"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, capsys, argv, needle):
     bad_py = tmp_path / "bad.py"

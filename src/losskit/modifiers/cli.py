@@ -1,8 +1,14 @@
-"""``losskit modifiers``: print every loss-modifier config key with its type, default, range and meaning."""
+"""``losskit modifiers``: print every loss-modifier config key with its type, default, range and meaning.
+
+The table fits the terminal (``shutil.get_terminal_size``; 100 columns when the output is not a terminal): the
+meaning column wraps under itself, and a terminal too narrow even for the other columns gets one block per key.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
 
 from losskit.modifiers.config_keys import MODIFIER_CONFIG_KEYS, MODIFIER_KEY_PATTERNS
 from losskit.modifiers.factory import registered_modifiers
@@ -10,19 +16,55 @@ from losskit.modifiers.factory import registered_modifiers
 __all__ = ["keys_table", "main"]
 
 _HEADER = ("key", "type", "default", "constraint", "meaning")
+_GAP = "  "
+#: Below this many columns for the meaning, one block per key reads better than a squeezed table.
+_MIN_MEANING = 24
+_MIN_CONSTRAINT = 14
 
 
-def keys_table() -> str:
-    """The config keys of ``MODIFIER_CONFIG_KEYS`` (canonical order) as an aligned plain-text table."""
-    rows = [(s.name, s.type, repr(s.default), s.constraint or (" | ".join(s.choices) if s.choices else "-"), s.help)
+def _rows() -> list[tuple[str, ...]]:
+    return [(s.name, s.type, repr(s.default), s.constraint or (" | ".join(s.choices) if s.choices else "-"), s.help)
             for s in MODIFIER_CONFIG_KEYS.values()]
-    cells = [_HEADER, *rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_HEADER))]
 
-    def line(r: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
 
-    return "\n".join([line(_HEADER), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+def keys_table(width: int | None = None) -> str:
+    """The config keys of ``MODIFIER_CONFIG_KEYS`` (canonical order) as plain text at most ``width`` columns wide
+    (default: the terminal's width). Constraint and meaning wrap within their columns."""
+    if width is None:
+        width = shutil.get_terminal_size((100, 24)).columns
+    rows = _rows()
+    longest = [max(len(r[i]) for r in [_HEADER, *rows]) for i in range(5)]
+    fixed = longest[:3]
+    room = width - sum(fixed) - len(_GAP) * 4  # for constraint + meaning
+    constraint = min(longest[3], max(_MIN_CONSTRAINT, room * 2 // 5))
+    meaning = min(longest[4], room - constraint)
+    if meaning < _MIN_MEANING:
+        return _blocks(rows, width)
+    widths = [*fixed, constraint, meaning]
+
+    def lines(cells: tuple[str, ...]) -> list[str]:
+        wrapped = [[c] if i < 3 else (textwrap.wrap(c, widths[i], break_on_hyphens=False) or [""])
+                   for i, c in enumerate(cells)]
+        depth = max(len(w) for w in wrapped)
+        return [_GAP.join((w[k] if k < len(w) else "").ljust(widths[i]) for i, w in enumerate(wrapped)).rstrip()
+                for k in range(depth)]
+
+    out = [*lines(_HEADER), _GAP.join("-" * w for w in widths)]
+    for r in rows:
+        out += lines(r)
+    return "\n".join(out)
+
+
+def _blocks(rows: list[tuple[str, ...]], width: int) -> str:
+    """One block per key: its name, then type/default/constraint and the meaning, indented and wrapped."""
+    out = []
+    for name, type_, default, constraint, help_ in rows:
+        out.append(name)
+        detail = f"{type_}, default {default}, {constraint}"
+        for text in (detail, help_):
+            out += textwrap.wrap(text, max(width - 4, 20), initial_indent="    ", subsequent_indent="    ",
+                                 break_on_hyphens=False)
+    return "\n".join(out)
 
 
 def main(argv: list[str]) -> int:
@@ -31,10 +73,14 @@ def main(argv: list[str]) -> int:
         description="List every loss-modifier config key (use them as --key=value or in a config file).",
     )
     parser.parse_args(argv)
-    print(keys_table())
+    width = shutil.get_terminal_size((100, 24)).columns
+    print(keys_table(width))
     print()
-    print("Keys matching " + ", ".join(MODIFIER_KEY_PATTERNS) + " must be listed above or under a registered prefix.")
+    note = ("Keys matching " + ", ".join(MODIFIER_KEY_PATTERNS)
+            + " must be listed above or under a registered prefix.")
+    print(textwrap.fill(note, width))
     reg = registered_modifiers()
     if reg:
-        print("Registered prefixes: " + ", ".join(f"{p}* -> {c.__name__}" for p, c in reg.items()))
+        print(textwrap.fill("Registered prefixes: " + ", ".join(f"{p}* -> {c.__name__}" for p, c in reg.items()),
+                            width))
     return 0

@@ -1,4 +1,4 @@
-"""Task `diffusion` (spec/diffusion.md §9): a small MLP denoiser on the digits, to show what each weighting does.
+"""Task `diffusion`: a small MLP denoiser on the digits, to show what each SNR weighting does (docs/diffusion.md).
 
 One step: draw x0 from the 1600 training digits, t uniform on ``[0, T)`` and ε; noise (VP:
 ``x_t = α x0 + σ ε``; flow: ``x_t = (1 − σ) x0 + σ ε`` with ``σ = (t + 1)/T``); the element loss
@@ -15,6 +15,7 @@ raw loss stalls (300 iterations: 0.93× instead of 0.30×).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -39,6 +40,7 @@ from losskit.functional.diffusion import (
 from losskit.modifiers.factory import create_loss_modifier_pipeline
 from losskit.modifiers.pipeline import LossModifierPipeline
 from losskit.train.metrics import MetricAccumulator
+from losskit.train.rundir import prepare_run_dir, resolve_out_dir
 from losskit.train.runtime import resolve_device, save_resolved_config
 from losskit.train.schedule import get_lr as _lr  # the name tests/diffusion imports
 from losskit.train.sinks import open_sinks
@@ -230,6 +232,7 @@ def evaluate(model: nn.Module, proc: NoiseProcess, x_val: torch.Tensor, K: int, 
 def run(cfg: Any) -> dict:
     """Train per ``cfg`` (a ``DiffusionTrainConfig``); write metrics, buckets.json/png, samples.png."""
     check_diffusion_config(cfg)
+    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("diffusion", cfg.out_dir, cfg.init_from, resumable=False))
     device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.num_threads is not None:
@@ -258,9 +261,11 @@ def _train(cfg: Any, device: torch.device) -> dict:
     else:
         pipe = create_loss_modifier_pipeline(config_dict, input_checks="deferred")
     snr_mod = next((m for m in pipe.enabled_modifiers if hasattr(m, "last_weights")), None)
+    weighted = not pipe.is_empty()
 
-    out_dir = pathlib.Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_run_dir("diffusion", cfg.out_dir)
+    cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
+    config_dict = train_config_to_dict(cfg)
     save_resolved_config(out_dir, config_dict, print_it=False)
     torch.manual_seed(cfg.seed)
     model = DiffusionMLP(cfg.model_width, cfg.model_depth, T).to(device)
@@ -285,7 +290,7 @@ def _train(cfg: Any, device: torch.device) -> dict:
                 row = {f"eval/x0_mse/bucket_{k:02d}": v for k, v in enumerate(eval_mse)}
                 row["eval/x0_mse"] = row["val/loss"] = sum(eval_mse) / K
                 sinks.log(it, row)
-                print(f"step {it}: eval x0-MSE {row['eval/x0_mse']:.4f}", flush=True)
+                print(f"step {it}: val/loss {row['val/loss']:.4f} (eval x0-MSE per pixel)", flush=True)
             if it == cfg.max_iters:
                 break
             lr = _lr(it, cfg)
@@ -338,11 +343,9 @@ def _train(cfg: Any, device: torch.device) -> dict:
                 }
                 sinks.log(it + 1, row)
                 per = " ".join(f"{v:.3f}" for v in last_bucket["loss_raw"])
-                print(
-                    f"iter {it + 1}: loss {row['train/loss']:.4f}, raw {row['train/loss_raw']:.4f}, "
-                    f"buckets [{per}]",
-                    flush=True,
-                )
+                losses = (f"train/loss {row['train/loss']:.4f} (weighted), train/loss_raw {row['train/loss_raw']:.4f} "
+                          "(plain MSE)" if weighted else f"train/loss {row['train/loss']:.4f} (plain MSE)")
+                print(f"step {it + 1}: {losses}, raw MSE per bucket [{per}]", flush=True)
                 acc.reset()
                 lr_sum, lr_n = 0.0, 0
                 buckets = zeros.clone()
@@ -399,9 +402,20 @@ def _write_outputs(
     fig.tight_layout()
     fig.savefig(out_dir / "buckets.png", dpi=100)
     plt.close(fig)
+    plt.imsave(out_dir / "samples.png", sample_grid(samples).numpy(), cmap="gray", vmin=-1, vmax=1)
+
+
+#: Pixels per digit pixel in ``samples.png``: 8 x 8 tiles of 8 x 8 pixels with 1-pixel borders are 73 pixels
+#: square; x4 makes 292, readable on a screen, and nearest-neighbour keeps every pixel a sharp square.
+SAMPLE_SCALE = 4
+
+
+def sample_grid(samples: torch.Tensor, scale: int = SAMPLE_SCALE) -> torch.Tensor:
+    """64 samples ``(64, 1, 8, 8)`` in [-1, 1] as one ``(73·scale, 73·scale)`` image: an 8 x 8 grid with
+    1-pixel separators at -1 (black), each pixel repeated ``scale`` times in both directions."""
     grid = torch.full((8 * 9 + 1, 8 * 9 + 1), -1.0)
     imgs = samples.detach().float().cpu().clamp(-1, 1).reshape(64, 8, 8)
     for i in range(64):
         r, c = divmod(i, 8)
         grid[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c] = imgs[i]
-    plt.imsave(out_dir / "samples.png", grid.numpy(), cmap="gray", vmin=-1, vmax=1)
+    return grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)

@@ -1,27 +1,33 @@
-"""`losskit export SRC OUT_DIR [--merge]`: a trained run as a Hugging Face `LlamaForCausalLM` directory.
+"""`losskit export SRC OUT_DIR`: a trained lm run as a Hugging Face `LlamaForCausalLM` directory.
 
-SRC is a `losskit train` run directory (its ``ckpt.pt``). ``tinker://`` paths (spec/service.md §3, §10) name
-checkpoints of the training service (``losskit serve``), which this version does not include: they are
-rejected with a ``ConfigError`` that says so (the train layer must not import the service layer). OUT_DIR receives ``config.json``,
-``model.safetensors``, ``generation_config.json`` and the byte-level tokenizer of ``losskit/tiny-lm``
+SRC is a `losskit train` run directory (its ``ckpt.pt``) or a task folder such as ``out/lm`` (its latest run).
+OUT_DIR receives ``config.json``, ``model.safetensors``, ``generation_config.json`` and the byte-level tokenizer
 (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), loadable offline with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``. The project
-model's state dict maps 1:1 onto LlamaForCausalLM, so export is a key-for-key copy (no conversion).
+model's state dict maps 1:1 onto LlamaForCausalLM, so export is a key-for-key copy (no conversion), and the
+tokenizer prepends ``<s>`` as training and ``losskit sample`` do: greedy ``generate`` on the export continues a
+prompt exactly as ``losskit sample --temperature=0``. Written files get the permissions of any new file
+(``0666`` minus the umask), whatever the writing library chose. ``tinker://`` sources name checkpoints of the
+training service and are rejected here with an error that says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
-import torch
-
 from losskit.contract import ConfigError
+from losskit.train.checkpoint import CHECKPOINT, load_checkpoint
 from losskit.train.model import LlamaLM, ModelConfig, hf_llama_config_dict
+from losskit.train.rundir import find_run_dir
 from losskit.train.tokenizer import save_hf_tokenizer
 
 TINKER_SCHEME = "tinker://"
+#: What an export writes (glob patterns; large models are sharded into model-*.safetensors plus an index).
+EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_export_source(src: str) -> None:
@@ -35,11 +41,11 @@ def check_export_source(src: str) -> None:
 
 
 def load_run_model(run_dir: str | pathlib.Path) -> tuple[LlamaLM, dict]:
-    """The model of a run directory's ``ckpt.pt`` (eval mode, CPU) and the checkpoint dict."""
-    path = pathlib.Path(run_dir) / "ckpt.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a `losskit train` run directory with a checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The model of a run directory's ``ckpt.pt`` (eval mode, CPU) and the checkpoint dict.
+
+    ``run_dir`` may also be a task folder such as ``out/lm``: its latest run is used.
+    """
+    ckpt = load_checkpoint(find_run_dir(run_dir) / CHECKPOINT, required=("model", "model_config"))
     model = LlamaLM(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -56,7 +62,16 @@ def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> path
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
     save_hf_tokenizer(out, model_max_length=model.config.block_size)
+    _normal_permissions(p for pattern in EXPORT_FILES for p in out.glob(pattern))
     return out
+
+
+def _normal_permissions(paths) -> None:
+    """``0666 & ~umask`` on the files this export wrote (safetensors creates ``model.safetensors`` as 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
 
 
 def main(argv: list[str]) -> int:
@@ -65,8 +80,8 @@ def main(argv: list[str]) -> int:
         description="Write a trained model in Hugging Face LlamaForCausalLM format with the byte-level tokenizer "
         "of losskit/tiny-lm (config.json, model.safetensors, tokenizer files).",
     )
-    parser.add_argument("src", help="a `losskit train` run directory (tinker:// paths need the training service, "
-                        "not included in this version)")
+    parser.add_argument("src", help="a `losskit train` run directory, or a task folder such as out/lm (its latest "
+                        "run)")
     parser.add_argument("out_dir", help="output directory")
     parser.add_argument("--merge", action="store_true",
                         help="tinker:// LoRA checkpoints: merge the adapter (no effect on a run directory)")

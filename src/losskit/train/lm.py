@@ -5,23 +5,23 @@ One optimizer step (``forward_backward`` + the update in ``run``):
 1. Draw the step's micro-batches, build ``StepCounts`` from their targets (one small all-reduce under DDP)
    when ``loss_normalize="global_tokens"``.
 2. Per micro-batch: ``logits = model(x)``; ``out = pipeline.compute(logits, y, step_counts=counts,
-   inplace_grad=True)`` (the fused in-place loss path of spec/kernels.md; the pipeline was built with
-   ``input_checks="deferred"``); back-propagate ``out.loss`` (times ``world_size`` under DDP, whose gradient
-   averaging then gives the global-token mean, spec/modifiers.md §1.6) or ``out.loss / accumulation`` under
+   inplace_grad=True)`` (the fused in-place loss path: the gradient is written into the logits' storage during
+   the forward, docs/losses.md; the pipeline was built with ``input_checks="deferred"``); back-propagate ``out.loss`` (times ``world_size`` under DDP, whose gradient
+   averaging then gives the global-token mean, docs/training.md) or ``out.loss / accumulation`` under
    ``"tokens"`` (nanoGPT). ``out.loss_raw`` is the plain CE of the same pass, ``out.bad`` the device flag of
    non-finite logits.
-3. Clip; read ``bad`` and the gradient norm together (the one host read of the step, spec/modifiers.md
-   §1.7); ``on_nonfinite_logits="skip_step"`` then zeroes the gradients and skips the update.
+3. Clip; read ``bad`` and the gradient norm together (the one host read of the step);
+   ``on_nonfinite_logits="skip_step"`` then zeroes the gradients and skips the update.
 
-Evaluation reports plain CE as ``val/loss`` whatever the modifiers (spec/modifiers.md §3.11), and the
-checkpoint (``out_dir/ckpt.pt``) keeps the best ``val/loss``.
+Evaluation reports plain CE as ``val/loss`` whatever the modifiers (so curves with and without modifiers
+compare), and the checkpoint (``out_dir/ckpt.pt``) keeps the best ``val/loss``; a resume continues it exactly
+(weights, optimizer, data position and every RNG state), docs/training.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import pathlib
 import sys
 import time
@@ -32,15 +32,22 @@ import torch
 
 from losskit.config import train_config_to_dict
 from losskit.contract import ConfigError, LossInputError
+from losskit.train.checkpoint import (
+    CHECKPOINT,
+    capture_rng_state,
+    load_checkpoint,
+    remove_stale_tmp,
+    restore_rng_state,
+    save_checkpoint,
+)
 from losskit.train.data import IGNORE_INDEX, BatchSampler, LMData, SequenceSet, load_lm_data
 from losskit.train.metrics import MetricAccumulator
 from losskit.train.model import LlamaLM, ModelConfig, swiglu_hidden_size
+from losskit.train.rundir import prepare_run_dir, resolve_out_dir
 from losskit.train.runtime import Runtime, save_resolved_config, setup_runtime, teardown_runtime
 from losskit.train.schedule import get_lr
-from losskit.train.sinks import open_sinks
+from losskit.train.sinks import open_sinks, truncate_metrics
 from losskit.train.tokenizer import VOCAB_SIZE
-
-CHECKPOINT = "ckpt.pt"
 
 
 def model_config_from(cfg: Any) -> ModelConfig:
@@ -196,14 +203,32 @@ def evaluate(model: torch.nn.Module, val: SequenceSet, *, batch_size: int, eval_
     return float(total / count.clamp(min=1))
 
 
-def _load_checkpoint(path: pathlib.Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+#: What a resume reads from ``ckpt.pt`` (a checkpoint without them is not one of this task).
+RESUME_KEYS = ("model", "optimizer", "model_config", "iter_num", "best_val_loss", "sampler")
 
 
-def _save_checkpoint(path: pathlib.Path, state: dict) -> None:
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def load_resume_checkpoint(cfg: Any) -> tuple[Any, dict]:
+    """``init_from='resume'``: the checkpoint of ``cfg.out_dir`` and ``cfg`` with the checkpoint's architecture.
+
+    Raises:
+        ConfigError: no checkpoint, an unreadable one, or ``max_iters`` below the checkpoint's iteration
+            (``max_iters`` counts every iteration of the run, so a resume never runs backwards and never writes
+            a checkpoint whose counters disagree with its weights).
+    """
+    ckpt_path = pathlib.Path(cfg.out_dir) / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise ConfigError(f"init_from='resume' needs a checkpoint at {ckpt_path}, which does not exist")
+    resume = load_checkpoint(ckpt_path, required=RESUME_KEYS)
+    done = int(resume["iter_num"])
+    if cfg.max_iters < done:
+        raise ConfigError(
+            f"max_iters={cfg.max_iters} is below the iteration of the checkpoint being resumed ({done}, {ckpt_path}); "
+            f"max_iters counts every iteration of the run: pass --max_iters={done} or more"
+        )
+    arch = resume["model_config"]
+    cfg = dataclasses.replace(cfg, **{k: arch[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")},
+                              n_kv_head=arch["n_kv_head"])
+    return cfg, resume
 
 
 def run(cfg: Any, *, use_pipeline: bool = True, extra_modifiers=(), progress: bool = True) -> dict:
@@ -211,32 +236,38 @@ def run(cfg: Any, *, use_pipeline: bool = True, extra_modifiers=(), progress: bo
 
     Bad input (data, resume without checkpoint, modifier values) raises before anything is written.
     """
-    out_dir = pathlib.Path(cfg.out_dir)
-    ckpt_path = out_dir / CHECKPOINT
+    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("lm", cfg.out_dir, cfg.init_from))
     resume = None
     if cfg.init_from == "resume":
-        if not ckpt_path.is_file():
-            raise ConfigError(f"init_from='resume' needs a checkpoint at {ckpt_path}, which does not exist")
-        resume = _load_checkpoint(ckpt_path)
-        arch = resume["model_config"]
-        cfg = dataclasses.replace(cfg, **{k: arch[k] for k in ("block_size", "n_layer", "n_head", "n_embd",
-                                                               "bias")}, n_kv_head=arch["n_kv_head"])
+        cfg, resume = load_resume_checkpoint(cfg)
     data: LMData = load_lm_data(dataset=cfg.dataset, data=cfg.data, block_size=cfg.block_size,
                                 vocab_size=VOCAB_SIZE, seed=cfg.seed)
     if cfg.dataset not in ("pydoc_topics", "custom_text"):
         raise ConfigError(f"dataset must be 'pydoc_topics' or 'custom_text' for task='lm', got {cfg.dataset!r}")
 
     rt: Runtime = setup_runtime(cfg)
+    finished = False
     try:
         loss_fn = PipelineLoss(cfg, extra_modifiers=extra_modifiers, verbose=rt.master) if use_pipeline \
             else PlainLoss()
-        return _train(cfg, rt, data, loss_fn, resume, progress=progress)
+        summary = _train(cfg, rt, data, loss_fn, resume, progress=progress)
+        finished = True
+        return summary
     finally:
-        teardown_runtime(rt)
+        teardown_runtime(rt, synchronize=finished)
+
+
+def _console(bar):
+    """Where the console lines go: through tqdm while a bar is drawn (so the bar stays below), else print."""
+    if bar is not None:
+        return bar.write
+    return lambda line: print(line, flush=True)
 
 
 def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, progress: bool) -> dict:
-    out_dir = pathlib.Path(cfg.out_dir)
+    """The loop. Step numbers count completed optimizer steps: the train row at step ``k`` averages steps up to
+    the ``k``-th, the val row at step ``k`` evaluates the weights after ``k`` steps (step 0: before training),
+    and a checkpoint saved at step ``k`` holds that state, so its ``iter_num`` is ``k``."""
     torch.manual_seed(cfg.seed)
     mcfg = model_config_from(cfg)
     model = LlamaLM(mcfg).to(rt.device)
@@ -249,13 +280,39 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
         sampler.load_state_dict(resume["sampler"])
         start_iter, best_val = int(resume["iter_num"]), float(resume["best_val_loss"])
         skipped = int(resume.get("skipped_steps", 0))
+        if "rng" not in resume:
+            warnings.warn("the checkpoint holds no RNG state (written by an older losskit): with dropout > 0 the "
+                          "resumed run draws other dropout masks than an uninterrupted one", RuntimeWarning,
+                          stacklevel=2)
+    say = _console(None)
+    if resume is not None and (cfg.eval_only or start_iter == cfg.max_iters):
+        # Nothing to train: evaluate, report, and leave the run directory exactly as it is.
+        val = evaluate(model, data.val, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters, device=rt.device,
+                       autocast=rt.autocast)
+        if rt.master:
+            why = "eval_only=True" if cfg.eval_only else f"the checkpoint is already at max_iters={cfg.max_iters}"
+            say(f"step {start_iter}: val/loss {val:.4f} (plain CE; unigram baseline {data.unigram_baseline:.4f}); "
+                f"{why}: 0 iterations, {cfg.out_dir} left unchanged")
+        return {"val_loss": val, "best_val_loss": best_val, "unigram_baseline": data.unigram_baseline, "iters": 0,
+                "wall_s": 0.0, "tokens_per_sec": None, "skipped_steps": skipped, "history": []}
+    out_dir = None
+    if rt.master:
+        # created only now, after every check: bad input leaves no directory behind
+        out_dir = prepare_run_dir("lm", cfg.out_dir)
+        cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
     config_dict = train_config_to_dict(cfg)
     if rt.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_tmp(out_dir)
+        if stale is not None:
+            say(f"removed {stale}, left by a checkpoint save that was interrupted")
+        if resume is not None:
+            dropped = truncate_metrics(out_dir, last_step=start_iter)
+            say(f"resuming {out_dir / CHECKPOINT} at step {start_iter}"
+                + (f"; dropped {dropped} metrics row(s) logged after that checkpoint" if dropped else ""))
         save_resolved_config(out_dir, config_dict, print_it=progress)
-        print(f"model: {model.num_parameters():,} parameters; data: {data.source}, {len(data.train)} train / "
-              f"{len(data.val)} val sequences of {cfg.block_size} tokens; unigram baseline "
-              f"{data.unigram_baseline:.4f} nats/token", flush=True)
+        say(f"model: {model.num_parameters():,} parameters; data: {data.source}, {len(data.train)} train / "
+            f"{len(data.val)} val sequences of {cfg.block_size} tokens; unigram baseline "
+            f"{data.unigram_baseline:.4f} nats/token; run directory {out_dir}")
     train_model = torch.compile(model) if cfg.compile else model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -265,29 +322,40 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
     sinks = open_sinks(cfg, config_dict, append=resume is not None, enabled=rt.master)
     metrics = MetricAccumulator()
     history: list[dict] = []
-    from tqdm.auto import tqdm
+    bar = None
+    if rt.master and progress and sys.stdout.isatty():
+        # A bar only on a terminal: redirected output (a log file, CI) gets the periodic lines alone, with no
+        # carriage-return redraws.
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not (rt.master and progress), file=sys.stderr,
-               dynamic_ncols=True, desc="train")
+        bar = tqdm(total=cfg.max_iters, initial=start_iter, file=sys.stdout, dynamic_ncols=True, desc="train")
+    say = _console(bar)
+    modified = not getattr(getattr(loss_fn, "pipeline", None), "is_empty", lambda: True)()
+    # On resume the val row of the checkpoint's step was logged (and the checkpoint saved) by the earlier run.
+    last_eval = start_iter if resume is not None else None
 
     def do_eval(it: int) -> float:
-        nonlocal best_val
+        nonlocal best_val, last_eval
+        last_eval = it
         val = evaluate(model, data.val, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters, device=rt.device,
                        autocast=rt.autocast)
         if rt.master:
             row = {"val/loss": val, "val/unigram_baseline": data.unigram_baseline}
             sinks.log(it, row)
             history.append({"step": it, **row})
-            bar.write(f"step {it}: val/loss {val:.4f} (unigram baseline {data.unigram_baseline:.4f})")
+            say(f"step {it}: val/loss {val:.4f} (plain CE; unigram baseline {data.unigram_baseline:.4f})")
             if it > 0 and (val < best_val or cfg.always_save_checkpoint):
                 best_val = min(best_val, val)
-                _save_checkpoint(out_dir / CHECKPOINT, {
+                save_checkpoint(out_dir / CHECKPOINT, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "model_config": dataclasses.asdict(mcfg), "iter_num": it, "best_val_loss": best_val,
                     "config": config_dict, "sampler": sampler.state_dict(), "skipped_steps": skipped,
+                    "rng": capture_rng_state(),
                 })
         return val
 
+    if resume is not None and "rng" in resume:
+        restore_rng_state(resume["rng"])  # last: model construction above drew from the same generator
     t_start = time.perf_counter()
     t_log, tokens_since = t_start, 0
     last_val = None
@@ -298,7 +366,7 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
             return {"val_loss": last_val, "unigram_baseline": data.unigram_baseline, "iters": 0}
         model.train()
         for it in range(start_iter, cfg.max_iters):
-            if it % cfg.eval_interval == 0:
+            if it % cfg.eval_interval == 0 and it != last_eval:
                 last_val = do_eval(it)
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
@@ -317,7 +385,7 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
                 import torch.distributed as dist
 
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad_logits, bad_norm = flags.tolist()  # the one host read of the step (spec/modifiers.md §1.7)
+            bad_logits, bad_norm = flags.tolist()  # the one host read of the step
             if bad_logits or bad_norm:
                 what = "logits: non-finite values (NaN/+inf) in valid rows" if bad_logits else \
                     "gradient norm is not finite"
@@ -335,8 +403,10 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
             optimizer.zero_grad(set_to_none=True)
             metrics.add({"train/loss": res.loss, "train/loss_raw": res.loss_raw, "train/grad_norm": norm})
             tokens_since += res.tokens * rt.world_size
-            bar.update(1)
-            if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+            step = it + 1
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 # the key set is the same on every rank (same modifiers, same steps), as compute() needs under DDP
                 row = metrics.compute(keys=metrics.keys())
                 metrics.reset()
@@ -345,14 +415,16 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
                 t_log, tokens_since = now, 0
                 row.update({"train/lr": lr, "train/tokens_per_sec": tokens_per_sec, "train/skipped_steps": skipped})
                 if rt.master:
-                    sinks.log(it, row)
-                    history.append({"step": it, **row})
-                    bar.set_postfix(loss=f"{row['train/loss']:.4f}")
-                    bar.write(f"iter {it}: loss {row['train/loss']:.4f}, raw {row['train/loss_raw']:.4f}, "
-                              f"lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s")
-        last_val = do_eval(cfg.max_iters)
+                    sinks.log(step, row)
+                    history.append({"step": step, **row})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+                    say(f"step {step}: {format_losses(row, modified)}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s")
+        if last_eval != cfg.max_iters:
+            last_val = do_eval(cfg.max_iters)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         sinks.close()
     wall = time.perf_counter() - t_start
     summary = {
@@ -362,5 +434,14 @@ def _train(cfg, rt: Runtime, data: LMData, loss_fn, resume: dict | None, *, prog
     }
     if rt.master and progress:
         print(f"done: val/loss {last_val:.4f} vs unigram baseline {data.unigram_baseline:.4f} nats/token; "
-              f"{summary['iters']} iterations in {wall:.1f} s ({tokens_per_sec:,.0f} tok/s at the end)", flush=True)
+              f"{summary['iters']} iterations in {wall:.1f} s ({tokens_per_sec:,.0f} tok/s at the end); "
+              f"run directory {out_dir}", flush=True)
     return summary
+
+
+def format_losses(row: dict, modified: bool) -> str:
+    """Both losses under their logged names: ``train/loss`` is what is back-propagated (the modified loss when a
+    modifier is on, whose scale can differ a lot from CE), ``train/loss_raw`` the plain CE of the same pass."""
+    if not modified:
+        return f"train/loss {row['train/loss']:.4f} (plain CE)"
+    return f"train/loss {row['train/loss']:.4f} (modified), train/loss_raw {row['train/loss_raw']:.4f} (plain CE)"

@@ -1,6 +1,6 @@
 """Device-side metric accumulation over a logging interval, averaged across DDP ranks at log time.
 
-spec/modifiers.md §3.9: inside the step every metric is a detached 0-d tensor; the trainer keeps device sums
+Inside the step every metric is a detached 0-d tensor; the trainer keeps device sums
 and counts per key and averages each over the logging interval (so ``min_*``/``max_*`` show the mean
 per-step extreme). At log time one packed ``all_reduce`` sums ``[sums..., counts...]`` over the ranks, and
 only then are the values converted to floats (the one sync). Plain-torch equivalent of ``compute()`` on one

@@ -133,12 +133,47 @@ def open_sinks(cfg: Any, config_dict: dict, *, append: bool = False, enabled: bo
     return Sinks(opened)
 
 
+def _parse_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a metrics file; a last line cut off by a killed writer is skipped, any other bad line is an
+    error naming the file and line."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was interrupted
+                continue
+            raise ConfigError(f"{path}: line {number} is not a JSON object: {line[:80]!r}") from None
+    return rows
+
+
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl`` (for plot and compare)."""
     path = pathlib.Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a `losskit train` run directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_rows(path)
+
+
+def truncate_metrics(run_dir: str | pathlib.Path, *, last_step: int) -> int:
+    """Keep only the rows of ``run_dir/metrics.jsonl`` with ``step <= last_step``; returns how many were dropped.
+
+    A resumed run calls this with its checkpoint's iteration: the rows a killed run logged after that checkpoint
+    are dropped (the resumed run logs those steps again), so the file keeps one row per step and kind. The file
+    is rewritten through a temporary file and an atomic rename; a missing file is left missing.
+    """
+    path = pathlib.Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    rows = _parse_rows(path)
+    kept = [r for r in rows if int(r.get("step", 0)) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -26,8 +26,8 @@ TASK_RUNNERS: dict[str, str] = {
 
 TASK_DESCRIPTIONS: dict[str, str] = {
     "lm": "byte-level Llama decoder on the embedded pydoc corpus (or --data=PATH)",
-    "temporal": "recurrent digits network with energy loss (spec/temporal.md §6)",
-    "diffusion": "MLP denoiser on the digits with SNR loss weightings (spec/diffusion.md §9)",
+    "temporal": "recurrent conv network on the digits over time: CE + energy (docs/temporal.md)",
+    "diffusion": "MLP denoiser on the digits with SNR loss weightings (docs/diffusion.md)",
 }
 
 assert set(TASK_RUNNERS) == set(TRAIN_CONFIGS)

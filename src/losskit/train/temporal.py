@@ -1,4 +1,4 @@
-"""Task `temporal` (spec/temporal.md §6): a leaky recurrent conv net on the digits, CE + energy regularisation.
+"""Task `temporal`: a leaky recurrent conv net on the digits, CE + energy regularisation (docs/temporal.md).
 
 Seed 003 (DynVision) end to end: static 8×8 digits are presented over ``n_timesteps`` steps following a
 presentation pattern (null steps are 0), labels are masked at null steps and inside reaction windows
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import logging
 import pathlib
 import time
 import warnings
@@ -33,6 +32,7 @@ from losskit.config import train_config_to_dict
 from losskit.contract import EMPTY_BATCH_MESSAGE, ConfigError, EmptyBatchWarning, LossInputError
 from losskit.functional.temporal import PresentationSchedule, parse_pattern
 from losskit.losses import CrossEntropyLoss, EnergyLoss
+from losskit.train.rundir import prepare_run_dir, resolve_out_dir
 from losskit.train.runtime import save_resolved_config
 from losskit.train.sinks import open_sinks
 
@@ -48,11 +48,9 @@ __all__ = [
     "warning_signs",
 ]
 
-log = logging.getLogger(__name__)
-
 IGNORE_INDEX = -1
 NUM_CLASSES = 10
-#: The task's default ``criterion`` (spec/temporal.md §6): the seed's YAML, with the readout excluded from energy.
+#: The task's default ``criterion``: seed 003's YAML, with the readout layer excluded from the energy.
 DEFAULT_CRITERION: list[dict[str, Any]] = [
     {"name": "cross_entropy_loss", "weight": 1.0, "kwargs": {"reduction": "mean", "ignore_index": IGNORE_INDEX}},
     {"name": "energy_loss", "weight": 0.05, "kwargs": {"reduction": "mean", "p": 1, "exclude": ["readout"]}},
@@ -210,7 +208,7 @@ class EpochRow:
 
 
 def warning_signs(history: Sequence[EpochRow], weight: float) -> list[str]:
-    """The seed's warning signs for the last row of ``history`` (spec/temporal.md §6), as messages.
+    """Seed 003's warning signs for the last row of ``history``, as messages.
 
     1. raw energy ``E_e > 1.0`` and ``E_e > E_{e−1}`` (from the second row);
     2. ``weight · E_e > CE_e`` (energy dominates the loss);
@@ -322,6 +320,7 @@ def run(cfg: Any) -> dict:
 
 
 def _run(cfg: Any) -> dict:
+    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("temporal", cfg.out_dir, cfg.init_from, resumable=False))
     pattern = parse_pattern(cfg.pattern)  # TypeError for an int pattern: "quote the pattern"
     alpha = cfg.dt / cfg.tau
     if not 0 < alpha <= 1:
@@ -336,10 +335,17 @@ def _run(cfg: Any) -> dict:
         "".join(map(str, pattern)), cfg.n_timesteps, dt=cfg.dt, loss_reaction_time=cfg.loss_reaction_time,
         device=device,
     )
+    if ce_label is not None and not cfg.allow_no_supervision and not bool(schedule.label_valid.any()):
+        raise ConfigError(
+            f"no timestep has a label: pattern {cfg.pattern!r} stretched to n_timesteps={cfg.n_timesteps} with "
+            f"loss_reaction_time={cfg.loss_reaction_time} and dt={cfg.dt} masks every stimulus step "
+            f"(k={schedule.k} reaction steps per onset), so the cross-entropy would be 0 for every batch; shorten "
+            "loss_reaction_time, lengthen the stimulus chunks, or pass --allow_no_supervision=True"
+        )
     data = load_digits_data(cfg.seed, device)
 
-    out_dir = pathlib.Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_run_dir("temporal", cfg.out_dir)
+    cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
     config_dict = train_config_to_dict(cfg)
     config_dict["criterion"] = entries
     save_resolved_config(out_dir, config_dict, print_it=False)
@@ -402,9 +408,8 @@ def _run(cfg: Any) -> dict:
             print(format_row(epoch, ce, energy, energy_weight, total, val["acc"]), flush=True)
             signs = warning_signs(history, energy_weight)
             for message in signs:
-                line = f"! warning sign (epoch {epoch}): {message}"
-                print(line, flush=True)
-                log.warning(line)
+                # printed once, on stdout next to the table (a logging call as well printed it twice)
+                print(f"! warning sign (epoch {epoch}): {message}", flush=True)
             signs_total += len(signs)
 
             train_row = {"epoch": epoch, "split": "train", **train, "acc": train_acc,
@@ -412,7 +417,8 @@ def _run(cfg: Any) -> dict:
             val_row = {"epoch": epoch, "split": "val", **val, "seconds": val_seconds,
                        "warnings": ""}
             csv_rows += [train_row, val_row]
-            logged = {"train/loss": total, "val/loss": val.get(f"loss/{ce_label}", val["loss/total"])}
+            logged = {"train/loss": total, "val/loss": val.get(f"loss/{ce_label}", val["loss/total"]),
+                      "train/lr": cfg.learning_rate}  # Adam's constant rate: the plot's learning-rate panel
             logged.update({f"train/{k}": v for k, v in train_row.items() if k not in ("epoch", "split", "warnings")})
             logged.update({f"val/{k}": v for k, v in val_row.items() if k not in ("epoch", "split", "warnings")})
             sinks.log(epoch, logged)
@@ -484,20 +490,24 @@ def _plot(path: pathlib.Path, rows: list[dict[str, Any]], ce_label: str | None, 
         pts = [(r["epoch"], r[key]) for r in rows if r["split"] == split and key in r and r[key] != ""]
         return [p[0] for p in pts], [float(p[1]) for p in pts]
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ce_key = f"loss/{ce_label}" if ce_label else "loss/total"
     for split in ("train", "val"):
-        left.plot(*series(split, ce_key), label=f"{split} CE")
+        left.plot(*series(split, ce_key), marker="o", markersize=3, label=f"{split} CE")
     left.set_xlabel("epoch")
-    left.set_ylabel("cross-entropy (valid timesteps)")
+    left.set_ylabel("cross-entropy (nats per valid timestep)")
     left.set_title("CrossEntropy")
     left.legend()
     if energy_label:
         for split in ("train", "val"):
-            right.plot(*series(split, f"loss/{energy_label}"), label=f"{split} energy (raw)")
+            right.plot(*series(split, f"loss/{energy_label}"), marker="o", markersize=3, label=f"{split} energy (raw)")
         right.plot(*series("train", f"loss_weighted/{energy_label}"), "--", label=f"train weighted energy (w={weight:g})")
         right.legend()
     right.set_xlabel("epoch")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_ylabel("energy")
     right.set_title("Energy")
     fig.tight_layout()

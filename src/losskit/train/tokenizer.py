@@ -1,10 +1,12 @@
-"""The byte-level tokenizer of `losskit/tiny-lm` (spec/service.md §3), shared by `losskit train` and export.
+"""The byte-level tokenizer of `losskit/tiny-lm`, shared by `losskit train`, `losskit sample` and export.
 
 Ids 0-255 are the UTF-8 bytes, 256 is ``<pad>``, 257 ``<s>`` (BOS), 258 ``</s>`` (EOS); the model's
 ``vocab_size`` is 264 (the 5 ids above 258 are unused padding to a multiple of 8, which keeps the logits row
 aligned). Encoding is exact and needs no library; ``build_hf_tokenizer`` writes the same mapping as a
 ``tokenizers`` byte-level BPE without merges, so ``AutoTokenizer`` loads it offline as
-``PreTrainedTokenizerFast`` and gives identical ids.
+``PreTrainedTokenizerFast`` and gives identical ids. Its post-processor prepends ``<s>`` (as every training
+document starts with it and ``losskit sample`` feeds it), so ``tok(text).input_ids == prompt_ids(text)``;
+``add_special_tokens=False`` gives the bare bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ SPECIAL_TOKENS = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
 def encode(text: str) -> list[int]:
     """UTF-8 bytes of ``text`` as ids 0-255 (no BOS/EOS added)."""
     return list(text.encode("utf-8"))
+
+
+def prompt_ids(text: str) -> list[int]:
+    """What the model is fed for a prompt: ``<s>`` then the bytes (``losskit sample`` and the exported tokenizer)."""
+    return [BOS_ID] + encode(text)
 
 
 def decode(ids) -> str:
@@ -44,8 +51,9 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 def build_hf_tokenizer():
-    """A ``tokenizers.Tokenizer``: byte-level BPE with no merges, byte b -> id b, then the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A ``tokenizers.Tokenizer``: byte-level BPE with no merges, byte b -> id b, then the special tokens; a
+    post-processor prepends ``<s>`` when special tokens are added (the default of ``tok(text)``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     table = _byte_to_unicode()
     vocab = {table[b]: b for b in range(256)}
@@ -53,6 +61,9 @@ def build_hf_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # ids 256, 257, 258 in this order
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", BOS_ID)]
+    )
     return tok
 
 
@@ -69,6 +80,8 @@ def save_hf_tokenizer(out_dir: str | pathlib.Path, *, model_max_length: int = 10
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
         **special,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
