@@ -1,4 +1,4 @@
-"""Cross-entropy benchmark (spec/kernels.md §6): a thin script around ``losskit bench``.
+"""Cross-entropy benchmark (method in docs/losses.md): a thin script around ``losskit bench``.
 
 Usage: ``python benchmarks/bench_cross_entropy.py [--cpu] [--quick] [--check] [--big-vocab] [--csv PATH] [--reps N]``
 (``--help`` lists every flag). The code lives in ``src/losskit/bench/``.

@@ -1,4 +1,4 @@
-"""Time budget of the `diffusion` training task (spec/diffusion.md §9, acceptance 16): a thin script.
+"""Time budget of the `diffusion` training task (docs/diffusion.md): a thin script.
 
 Usage: ``python benchmarks/bench_diffusion_train.py [--csv PATH] [--budget S] [--keep DIR] [--strict] [--key=value ...]``.
 It runs the default ``losskit train --task=diffusion`` once, into a temporary directory, and prints the wall time,

@@ -1,7 +1,7 @@
 """``losskit bench`` (and ``python benchmarks/bench_cross_entropy.py``): the cross-entropy benchmark.
 
 Prints the run's identity (device, versions, torch threads, commit, copy bandwidth), one table per run, the T5
-line per shape (CPU), and writes a CSV with every column of spec/kernels.md §6. Exit status 1 when an entry failed
+line per shape (CPU), and writes a CSV with the columns of docs/losses.md ("Benchmarks"). Exit status 1 when an entry failed
 with an error (OOM and skipped rows are results, not failures), 2 for bad arguments.
 """
 
@@ -39,13 +39,21 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def losskit_impls() -> list[str]:
+    """The losskit implementations this installation can run (``triton`` only where its module imports)."""
+    from losskit.kernels.dispatch import triton_available
+
+    return ["torch", "chunked"] + (["triton"] if triton_available() else [])
+
+
 def build_parser(prog: str = "losskit bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Benchmark cross-entropy implementations side by side (spec/kernels.md section 6): torch, "
-            "torch.compile, Liger-Kernel, the seed pipelines and losskit's torch/chunked/triton impls, fwd+bwd. "
-            "Prints a table and writes a CSV tagged with device, versions and commit."
+            "Benchmark cross-entropy implementations side by side, fwd+bwd: torch F.cross_entropy, torch.compile "
+            "and Liger-Kernel where installed, the seed pipelines, and losskit's "
+            f"{'/'.join(losskit_impls())} impls (method: docs/losses.md, \"Benchmarks\"). Prints a table and "
+            "writes a CSV tagged with device, versions and commit."
         ),
     )
     parser.add_argument("--cpu", action="store_true",

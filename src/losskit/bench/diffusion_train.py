@@ -1,4 +1,4 @@
-"""The `diffusion` task's time budget (spec/diffusion.md §9, acceptance 16): one default run, timed end to end.
+"""The `diffusion` task's time budget (docs/diffusion.md): one default run, timed end to end.
 
 The run is ``python -m losskit train --task=diffusion --out_dir=<temporary directory> [overrides]`` in a child
 process, so the wall time includes what a user waits for: interpreter and torch start-up, loading the digits, the
@@ -166,7 +166,7 @@ def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Time one default `losskit train --task=diffusion` run end to end (spec/diffusion.md §9). "
+        description="Time one default `losskit train --task=diffusion` run end to end (docs/diffusion.md). "
         "Any --key=value not listed below is passed to `losskit train` (e.g. --max_iters=20 for a smoke run).",
     )
     parser.add_argument(

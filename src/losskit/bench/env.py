@@ -1,4 +1,4 @@
-"""What a benchmark row is tagged with: date, commit, device and library versions (spec/kernels.md §6).
+"""What a benchmark row is tagged with: date, commit, device and library versions (docs/losses.md, "Benchmarks").
 
 Every function here only reads: the git work tree of the losskit sources, installed package metadata, procfs and
 torch's device queries. Missing things become ``""`` (a library that is not installed) or ``"unknown"`` (no git),

@@ -1,7 +1,7 @@
 """The losses the cross-entropy benchmark times, and the fp64 plain-torch oracles they are checked against.
 
-spec/kernels.md §6 defines four families; every function here takes logits ``(B, T, V)`` and targets ``(B, T)``
-(``ignore_index`` = -100) and returns a 0-d loss to back-propagate:
+The benchmark (docs/losses.md, "Benchmarks") has four families; every function here takes logits ``(B, T, V)``
+and targets ``(B, T)`` (``ignore_index`` = -100) and returns a 0-d loss to back-propagate:
 
 * **Seed naive pipeline** (``seed_naive_pipeline``): seed 004's label smoothing (fp32 ``log_softmax``, a dense
   one-hot smoothed target distribution) times seed 000's entropy weight (softmax, zero the target, renormalise with
@@ -42,14 +42,14 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass(frozen=True)
 class AllFeatures:
-    """The settings of the "all features" losses (spec/kernels.md §6) and of the seed pipelines' weights.
+    """The settings of the "all features" losses and of the seed pipelines' weights.
 
     Attributes:
         label_smoothing: ε, torch convention.
         excluded_tail: how many of the last ids form the excluded set E (hard targets for them too).
         z_loss: λ of the z-loss λ·lse².
         entropy_weight: seed 000's ``entropy_modifier_weight``.
-        entropy_threshold: seed 000's ``entropy_modifier_threshold`` τ (the "clamp at 0.1" of spec §6).
+        entropy_threshold: seed 000's ``entropy_modifier_threshold`` τ (the seed pipeline's "clamp at 0.1").
         entropy_eps: seed 000's ``entropy_modifier_eps`` (only the naive pipeline uses it).
         mask_ratio_power, mask_ratio_min, mask_ratio_max, mask_ratio_eps: seed 000's mask-ratio weight keys.
     """
@@ -83,7 +83,7 @@ class AllFeatures:
 def entropy_batch_weight(wrong_entropy: torch.Tensor, valid: torch.Tensor, cfg: AllFeatures) -> torch.Tensor:
     """Seed 000's batch scalar β = weight · mean_{i∈S} max(H̄_i, τ), H̄_i = Σ_t m_it H(q)_it / n_i (0-d).
 
-    Empty samples are left out of the mean (spec/modifiers.md §3.4); nothing syncs.
+    Empty samples are left out of the mean (as the entropy modifier does); nothing syncs.
     """
     m = valid.to(wrong_entropy.dtype)
     n = m.sum(-1)

@@ -1,4 +1,4 @@
-"""Peak extra memory of one fwd+bwd step, and the copy bandwidth that sets the floor (spec/kernels.md §5, §6).
+"""Peak extra memory of one fwd+bwd step, and the copy bandwidth that sets the floor (docs/losses.md, "Benchmarks").
 
 CPU (Linux): reset the process's peak RSS by writing ``5`` to ``/proc/self/clear_refs``, run the step, and take
 ``VmHWM`` minus the ``VmRSS`` read just before. Freed heap memory is handed back to the kernel first
@@ -100,6 +100,6 @@ def copy_bandwidth(nbytes: int, device: torch.device | str, *, reps: int = 5) ->
 def floor_ms(num_rows: int, num_classes: int, element_bytes: int, bandwidth: float) -> float:
     """Memory floor of a fwd+bwd: read the logits once and write their gradient once, at ``bandwidth`` B/s.
 
-    ``floor = 2 · N · V · element_bytes / bandwidth`` (spec/kernels.md §6), in milliseconds.
+    ``floor = 2 · N · V · element_bytes / bandwidth``, in milliseconds.
     """
     return 2 * num_rows * num_classes * element_bytes / bandwidth * 1e3

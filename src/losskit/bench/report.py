@@ -1,4 +1,5 @@
-"""Presenting benchmark rows: the CSV of spec/kernels.md §6, the console table and the target lines.
+"""Presenting benchmark rows: the CSV (columns in docs/losses.md, "Benchmarks"), the console table and the target
+lines.
 
 Pure formatting: every function takes rows (``cross_entropy.Row``), the run's ``Environment`` and the measured copy
 bandwidth, and returns text or writes one file. Empty cells mean "not measured" (skipped rows, failed rows, a
@@ -21,7 +22,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "reps", "floor_ms", "x_floor", "peak_extra_gib", "max_err", "status",
 )
 
-# spec/kernels.md §4.3: the chunked impl's default chunk on CPU; T5's memory bound is grad + 4·chunk + 16 MiB.
+# The chunked impl's default chunk on CPU; T5's memory bound is grad + 4·chunk + 16 MiB.
 CPU_CHUNK_BYTES = 4 * MIB
 
 
@@ -105,7 +106,7 @@ def _find(rows: Sequence[Row], name: str, n: int, v: int) -> Row | None:
 
 
 def t5_lines(rows: Sequence[Row], chunk_bytes: int = CPU_CHUNK_BYTES) -> list[str]:
-    """T5 (spec/kernels.md §7) per shape: chunked all-features pipeline vs ``F.cross_entropy(label_smoothing=0.1)``.
+    """Target T5 per shape: chunked all-features pipeline vs ``F.cross_entropy(label_smoothing=0.1)``.
 
     Time: ratio of the interleaved medians, target ≤ 1.2. Memory: peak extra ≤ grad + 4·chunk + 16 MiB.
     """
@@ -133,7 +134,7 @@ def t5_lines(rows: Sequence[Row], chunk_bytes: int = CPU_CHUNK_BYTES) -> list[st
     return lines
 
 
-# spec/kernels.md §7, the GPU targets judged from one run (H100 anchors; bf16).
+# The GPU targets (docs/losses.md, "Benchmarks") judged from one run (H100 anchors; bf16).
 _T1_SHAPE = (8192, 128256)
 _T4_SHAPE = (16384, 32000)
 _TRITON = "losskit triton all features ({})"
@@ -145,7 +146,7 @@ def _verdict(ok: bool) -> str:
 
 
 def gpu_target_lines(rows: Sequence[Row]) -> list[str]:
-    """T1, T1s, T2, T3 and T4 of spec/kernels.md §7 from the triton rows; a missing row says so.
+    """Targets T1, T1s, T2, T3 and T4 from the triton rows; a missing row says so.
 
     T1: pipeline and eager ≤ 2.66 ms at N=8192, V=128256. T1s: eager ≤ 1.82 ms. T2: peak extra ≤ grad + 64 MiB out
     of place, ≤ 64 MiB in place. T3: ≥ 20× faster and ≥ 20× less extra memory (in place) than the seed naive

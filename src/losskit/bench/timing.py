@@ -1,6 +1,6 @@
 """Wall-clock timing of fwd+bwd steps: host `perf_counter` (CPU) or CUDA events (GPU).
 
-spec/kernels.md §6 fixes the method. CPU mode interleaves the entries round-robin inside every repetition, so a
+The method (docs/losses.md, "Benchmarks"): CPU mode interleaves the entries round-robin inside every repetition, so a
 burst of machine noise (other processes on the same 2 cores) hits every entry alike instead of one entry's block of
 repetitions. GPU mode times each entry on its own: 3 warm-ups, then 20 runs, each between two CUDA events.
 
