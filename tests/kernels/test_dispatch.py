@@ -115,8 +115,8 @@ def test_env_override_reaches_the_public_functions(triton, monkeypatch):
     from losskit.kernels import chunked
 
     calls = []
-    real = chunked.passes.stats_pass
-    monkeypatch.setattr(chunked.passes, "stats_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = chunked.sweeps.stats
+    monkeypatch.setattr(chunked.sweeps, "stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     kernels.token_stats(x, t)
     assert calls == []

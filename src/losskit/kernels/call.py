@@ -212,7 +212,7 @@ def stats(call: Call) -> StatFields:
     if call.grad_wanted:
         return StatFields(*chunked.TokenStatsFunction.apply(logits, prep, _plan(call), call.inplace_grad))
     with torch.no_grad():
-        return chunked.finish(chunked.passes.stats_pass(logits, prep, _plan(call)), prep)
+        return chunked.finish(chunked.sweeps.stats(logits, prep, _plan(call)), prep)
 
 
 def _smoothing_bad(f: StatFields, call: Call) -> StatFields:

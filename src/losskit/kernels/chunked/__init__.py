@@ -14,7 +14,7 @@ What it equals, in plain torch (the oracle the tests use is ``reference.py``)::
     ...and autograd for the gradients.
 """
 
-from losskit.kernels.chunked import passes
+from losskit.kernels.chunked import native, passes, sweeps
 from losskit.kernels.chunked.functions import (
     FusedOptions,
     FusedTokenLossFunction,
@@ -35,5 +35,7 @@ __all__ = [
     "default_chunk_bytes",
     "finish",
     "fused_token_terms",
+    "native",
     "passes",
+    "sweeps",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from losskit.contract import LossInputError
 from losskit.kernels import rowmath
-from losskit.kernels.chunked import passes
+from losskit.kernels.chunked import sweeps
 from losskit.kernels.chunked.layout import Plan
 from losskit.kernels.fields import StatFields
 from losskit.kernels.prepare import Prepared, Smoothing
@@ -91,7 +91,7 @@ class TokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, prep: Prepared, plan: Plan, inplace: bool):
-        rs = passes.stats_pass(logits, prep, plan)
+        rs = sweeps.stats(logits, prep, plan)
         f = finish(rs, prep)
         ctx.save_for_backward(logits)
         ctx.prep, ctx.plan, ctx.inplace = prep, plan, inplace
@@ -123,7 +123,7 @@ class TokenStatsFunction(torch.autograd.Function):
         )
         co = _mask_coefficients(co, valid)
         out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        passes.grad_pass(logits, out, prep, ctx.plan, ctx.rs, co)
+        sweeps.grad(logits, out, prep, ctx.plan, ctx.rs, co)
         if ctx.inplace:
             torch.autograd.graph.increment_version(logits)
         return out, None, None, None
@@ -205,7 +205,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
             )
             return _mask_coefficients(co, valid[sl])
 
-        rs = passes.stats_pass(logits, prep, opts.plan, passes.Eager(out, coefficients))
+        rs = sweeps.eager(logits, out, prep, opts.plan, coef, sm, z_loss, coefficients)
         f = finish(rs, prep)
         token_loss = fused_token_terms(f, sm, z_loss)
         weighted = token_loss if w is None else token_loss * w
