@@ -30,7 +30,6 @@ from losskit.service.operations import Service
 log = logging.getLogger("losskit.serve")
 access = logging.getLogger("losskit.serve.access")
 
-JSON_TYPES = ("application/json",)
 
 
 def error_response(err: ServiceError, request_id: str | None = None) -> JSONResponse:
@@ -59,11 +58,14 @@ def _validation_error(exc: RequestValidationError) -> ServiceError:
 class Gate:
     """Pure-ASGI middleware around the app: auth, body-size and content-type checks, access log, metrics."""
 
-    def __init__(self, app, *, auth: Auth, metrics: Metrics, max_body: int, json_mode: bool) -> None:
+    def __init__(self, app, *, auth: Auth, metrics: Metrics, body_limits: dict[str, int], json_mode: bool) -> None:
+        """``body_limits``: accepted request content types and the largest body of each (a surface that takes
+        another content type, such as protobuf, adds it here)."""
         self.app = app
         self.auth = auth
         self.metrics = metrics
-        self.max_body = max_body
+        self.body_limits = dict(body_limits)
+        self.max_body = max(self.body_limits.values())
         self.json_mode = json_mode
 
     async def __call__(self, scope, receive, send) -> None:
@@ -100,11 +102,13 @@ class Gate:
             self._log(scope, state, status[0] or 500, time.perf_counter() - start)
 
     async def _buffer(self, scope, headers, receive):
-        """Read the whole body within the limit (413 beyond it) and check its content type (415)."""
+        """Read the whole body within its content type's limit (413 beyond it) and check the type (415)."""
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        limit = self.body_limits.get(ctype, self.max_body)
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        if length is not None and length.isdigit() and int(length) > limit:
             raise ServiceError("payload_too_large", f"the request body has {length} bytes, above the limit of "
-                               f"{self.max_body} (--max-json-mb)")
+                               f"{limit} for {ctype or 'this content type'} (--max-json-mb / --max-request-mb)")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -112,17 +116,16 @@ class Gate:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                raise ServiceError("payload_too_large", f"the request body is above the limit of {self.max_body} "
-                                   "bytes (--max-json-mb)")
+            if size > limit:
+                raise ServiceError("payload_too_large", f"the request body is above the limit of {limit} bytes "
+                                   "(--max-json-mb / --max-request-mb)")
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in JSON_TYPES and (body or ctype):
-            raise ServiceError("unsupported_media_type", f"Content-Type must be application/json, got "
-                               f"{ctype or 'none'}")
+        if ctype not in self.body_limits and (body or ctype):
+            raise ServiceError("unsupported_media_type", f"Content-Type must be one of "
+                               f"{', '.join(sorted(self.body_limits))}, got {ctype or 'none'}")
         scope.setdefault("state", {})["body_bytes"] = len(body)
         sent = [False]
 
@@ -215,7 +218,7 @@ def create_app(service: Service) -> Gate:
 
         app.include_router(make_router(service))
 
-    max_body = int(min(settings.max_json_mb, settings.max_request_mb) * 2**20)
-    gate = Gate(app, auth=Auth(settings.api_keys), metrics=metrics, max_body=max_body, json_mode=settings.log_json)
+    limits = {"application/json": int(min(settings.max_json_mb, settings.max_request_mb) * 2**20)}
+    gate = Gate(app, auth=Auth(settings.api_keys), metrics=metrics, body_limits=limits, json_mode=settings.log_json)
     gate.fastapi = app
     return gate
