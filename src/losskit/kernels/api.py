@@ -10,6 +10,10 @@
 
 ``token_stats`` and ``fused_token_loss`` never read a tensor value on the host: bad values only set the ``bad``
 flags, and when to raise is the caller's policy.
+
+Under ``torch.compile`` each of the three is one graph break: dynamo runs it eagerly (``torch.compiler.disable``)
+and compiles the code before and after it, so a compiled training step that calls losskit gives the eager
+results, with losskit's own kernels (C++ or Triton, already fused) serving the loss.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from losskit.kernels.fields import to_token_stats
 __all__ = ["cross_entropy", "fused_token_loss", "token_stats"]
 
 
+@torch.compiler.disable
 def token_stats(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -83,6 +88,7 @@ def token_stats(
     return to_token_stats(calls.stats(c), c.prep.valid, c.prep.lead_shape)
 
 
+@torch.compiler.disable
 def fused_token_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -137,6 +143,7 @@ def fused_token_loss(
     return calls.fused(c)
 
 
+@torch.compiler.disable
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,

@@ -88,6 +88,9 @@ class LossModifierPipeline:
         impl: kernels implementation for ``modify_loss`` (``compute`` takes its own).
 
     Names: a duplicate ``name`` gets the suffix ``_2``, ``_3``, … so that metric keys never collide.
+
+    Under ``torch.compile`` each entry point (``modify_loss``, ``compute``, ``compute_elementwise``) is one graph
+    break: it runs eagerly (its one host read and the kernels' own fused code), the code around it compiles.
     """
 
     def __init__(self, modifiers: Iterable[BaseLossModifier] = (), *, input_checks: str = "immediate",
@@ -165,6 +168,7 @@ class LossModifierPipeline:
             self._suspended = previous
 
     # ---- entry points -----------------------------------------------------------------------------------------
+    @torch.compiler.disable
     def modify_loss(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor | None = None,
                     **kwargs: Any) -> torch.Tensor:
         """The seed's entry point: return the modified 0-d loss.
@@ -183,6 +187,7 @@ class LossModifierPipeline:
                         iter_num=known.get("iter_num"), extras=kwargs, impl=self.impl, inplace_grad=False)
         return out.loss
 
+    @torch.compiler.disable
     def compute(self, logits: torch.Tensor, targets: torch.Tensor, *, mask: torch.Tensor | None = None,
                 ignore_index: int | None = -100, step_counts: StepCounts | None = None, iter_num: int | None = None,
                 impl: str = "auto", inplace_grad: bool = False, **extras: Any) -> ModifiedLoss:
@@ -199,6 +204,7 @@ class LossModifierPipeline:
                          step_counts=step_counts, iter_num=iter_num, extras=extras, impl=impl,
                          inplace_grad=inplace_grad)
 
+    @torch.compiler.disable
     def compute_elementwise(self, per_token_loss: torch.Tensor, *, mask: torch.Tensor | None = None,
                             step_counts: StepCounts | None = None, iter_num: int | None = None, **extras: Any
                             ) -> ModifiedLoss:

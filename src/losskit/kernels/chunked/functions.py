@@ -101,6 +101,7 @@ class TokenStatsFunction(torch.autograd.Function):
         return f.outputs()
 
     @staticmethod
+    @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_gap, *_):
         _check_once_differentiable()
         (logits,) = ctx.saved_tensors
@@ -227,6 +228,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
         return (loss, *outs)
 
     @staticmethod
+    @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_loss, *_):
         _check_once_differentiable()
         grad = ctx.grad

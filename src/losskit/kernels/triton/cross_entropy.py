@@ -199,6 +199,7 @@ class TokenStatsFunction(torch.autograd.Function):
         return _outputs(f)
 
     @staticmethod
+    @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, *grads):
         _check_once_differentiable()
         logits, consts = ctx.saved_tensors
@@ -255,6 +256,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
         return (loss, *outs)
 
     @staticmethod
+    @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_loss, *_):
         _check_once_differentiable()
         grad = ctx.grad
