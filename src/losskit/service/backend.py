@@ -507,14 +507,16 @@ class Backend:
                                         decode_slice=self.settings.decode_slice, device=self.device, options=options))
 
     def warm_up(self, info: BaseInfo) -> None:
-        """One forward and backward through the base model on a tiny batch, so that the first request does not pay
-        the one-time set-up costs of the kernels (about a second on CPU)."""
+        """One forward and backward through the base model and the loss kernels on a tiny batch, so that the first
+        request does not pay one-time set-up costs (kernel initialisation, the kernels' native build)."""
         base = self.base(info)
         x = torch.zeros(2, 8, dtype=torch.long, device=self.device)
         emb = base.hf.get_input_embeddings()(x).detach().requires_grad_(True)
         with torch.no_grad():
             base.hf(input_ids=x)
-        base.hf(inputs_embeds=emb).logits.float().sum().backward()
+        logits = base.hf(inputs_embeds=emb).logits.float()
+        # The kernels build their native CPU code on first use: do it here, before the port opens.
+        (-kernels.token_stats(logits, x, ignore_index=None).nll).sum().backward()
 
 def load_info(models: ModelRegistry, name: str) -> BaseInfo:
     """Resolve and describe a base model (tokenizer and config only; the weights load on the device worker)."""
