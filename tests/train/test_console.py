@@ -70,12 +70,47 @@ def test_modifier_table_fits_the_terminal(width):
         assert all(w in words for w in spec.help.split()), spec.name  # every word of the meaning is kept
 
 
+def _on_terminal(command, columns):
+    """stdout of ``python -m losskit COMMAND`` run on a pseudo-terminal ``columns`` wide."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "losskit", *command], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("columns", [60, 100, 180])
+def test_modifier_table_follows_the_terminal_and_pipes_keep_one_line_per_key(columns):
+    from losskit.modifiers import MODIFIER_CONFIG_KEYS
+
+    text = _on_terminal(["modifiers"], columns)
+    assert max(len(line) for line in text.splitlines()) <= columns
+    assert all(key in text.split() for key in MODIFIER_CONFIG_KEYS)
+    piped = subprocess.run([sys.executable, "-m", "losskit", "modifiers"], capture_output=True, text=True,
+                           timeout=120, check=True).stdout
+    rows = {line.split()[0]: line for line in piped.splitlines() if line.strip()}
+    assert all(MODIFIER_CONFIG_KEYS[k].help in rows[k] for k in MODIFIER_CONFIG_KEYS)
+
+
 @pytest.mark.parametrize("columns", ["60", "100", "180"])
-def test_modifiers_and_train_help_follow_columns(columns):
+def test_train_help_follows_columns(columns):
     env = {**os.environ, "COLUMNS": columns}
-    for command in (["modifiers"], ["train", "--help"], ["train", "--task=diffusion", "--help"]):
+    for command in (["train", "--help"], ["train", "--task=diffusion", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "losskit", *command], capture_output=True, text=True,
                               timeout=120, env=env, check=True)
         widest = max(len(line) for line in proc.stdout.splitlines())
-        # --help's key column is fixed (a long --key=default stands alone on its line)
-        assert widest <= max(int(columns), 100 if command[0] == "train" else 0), (command, widest)
+        # the usage lines and a long --key=default standing alone on its line are not wrapped
+        assert widest <= max(int(columns), 100), (command, widest)

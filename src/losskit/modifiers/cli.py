@@ -1,13 +1,15 @@
 """``losskit modifiers``: print every loss-modifier config key with its type, default, range and meaning.
 
-The table fits the terminal (``shutil.get_terminal_size``; 100 columns when the output is not a terminal): the
-meaning column wraps under itself, and a terminal too narrow even for the other columns gets one block per key.
+On a terminal the table fits its width (``shutil.get_terminal_size``, which also honours ``COLUMNS``): constraint
+and meaning wrap within their columns, and a terminal too narrow even for the other columns gets one block per key.
+Piped or redirected output keeps one line per key, for ``grep`` and scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import textwrap
 
 from losskit.modifiers.config_keys import MODIFIER_CONFIG_KEYS, MODIFIER_KEY_PATTERNS
@@ -27,20 +29,28 @@ def _rows() -> list[tuple[str, ...]]:
             for s in MODIFIER_CONFIG_KEYS.values()]
 
 
+def output_width() -> int | None:
+    """The terminal's width (``COLUMNS`` wins, as ``shutil.get_terminal_size`` reads it), or None (no wrapping)
+    when stdout is not a terminal."""
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size((100, 24)).columns
+
+
 def keys_table(width: int | None = None) -> str:
-    """The config keys of ``MODIFIER_CONFIG_KEYS`` (canonical order) as plain text at most ``width`` columns wide
-    (default: the terminal's width). Constraint and meaning wrap within their columns."""
-    if width is None:
-        width = shutil.get_terminal_size((100, 24)).columns
+    """The config keys of ``MODIFIER_CONFIG_KEYS`` (canonical order) as plain text at most ``width`` columns wide,
+    constraint and meaning wrapped within their columns; ``width=None``: one line per key."""
     rows = _rows()
     longest = [max(len(r[i]) for r in [_HEADER, *rows]) for i in range(5)]
-    fixed = longest[:3]
-    room = width - sum(fixed) - len(_GAP) * 4  # for constraint + meaning
-    constraint = min(longest[3], max(_MIN_CONSTRAINT, room * 2 // 5))
-    meaning = min(longest[4], room - constraint)
-    if meaning < _MIN_MEANING:
-        return _blocks(rows, width)
-    widths = [*fixed, constraint, meaning]
+    if width is None:
+        widths = longest
+    else:
+        room = width - sum(longest[:3]) - len(_GAP) * 4  # for constraint + meaning
+        constraint = min(longest[3], max(_MIN_CONSTRAINT, room * 2 // 5))
+        meaning = min(longest[4], room - constraint)
+        if meaning < _MIN_MEANING:
+            return _blocks(rows, width)
+        widths = [*longest[:3], constraint, meaning]
 
     def lines(cells: tuple[str, ...]) -> list[str]:
         wrapped = [[c] if i < 3 else (textwrap.wrap(c, widths[i], break_on_hyphens=False) or [""])
@@ -73,14 +83,13 @@ def main(argv: list[str]) -> int:
         description="List every loss-modifier config key (use them as --key=value or in a config file).",
     )
     parser.parse_args(argv)
-    width = shutil.get_terminal_size((100, 24)).columns
+    width = output_width()
     print(keys_table(width))
     print()
-    note = ("Keys matching " + ", ".join(MODIFIER_KEY_PATTERNS)
-            + " must be listed above or under a registered prefix.")
-    print(textwrap.fill(note, width))
+    fill = (lambda text: textwrap.fill(text, width)) if width else (lambda text: text)
+    print(fill("Keys matching " + ", ".join(MODIFIER_KEY_PATTERNS) + " must be listed above or under a registered "
+               "prefix."))
     reg = registered_modifiers()
     if reg:
-        print(textwrap.fill("Registered prefixes: " + ", ".join(f"{p}* -> {c.__name__}" for p, c in reg.items()),
-                            width))
+        print(fill("Registered prefixes: " + ", ".join(f"{p}* -> {c.__name__}" for p, c in reg.items())))
     return 0
