@@ -7,12 +7,18 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.native
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# build the native CPU sweeps of impl="chunked" once (about a minute; without a compiler it warns and the pure-torch
+# code serves), so that no run or test pays for it
+$(VENV)/.native: $(VENV)/.installed src/losskit/kernels/chunked/native.cpp
+	$(BIN)/python -c "from losskit.kernels.chunked import native; print('native CPU kernels:', 'built' if native.module() else 'unavailable')"
 	touch $@
 
 run: setup
