@@ -179,3 +179,18 @@ def test_env_var_selects_the_pure_torch_passes_without_a_warning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**__import__("os").environ, native.ENV_VAR: "0"}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    native._clear_stale_lock(lock)
+    assert lock.exists()  # a build may be running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    native._clear_stale_lock(lock)
+    assert not lock.exists()
+    native._clear_stale_lock(lock)  # absent: nothing to do

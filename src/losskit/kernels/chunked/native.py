@@ -48,6 +48,18 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
+def _clear_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
+    """Remove a build lock left by a process killed mid-build: torch's extension loader waits on it forever.
+
+    A build takes about a minute; a lock older than ``max_age_s`` has no live owner.
+    """
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 @functools.lru_cache(maxsize=1)
 def module():
     """The loaded extension, or None (disabled by ``LOSSKIT_CHUNKED_NATIVE=0``, or it could not be built: one
@@ -61,10 +73,12 @@ def module():
         cap = cpu_backend.get_cpu_capability()
         flags = _CAPABILITY_FLAGS.get(cap, [])
         digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+        name = f"losskit_chunked_{cap.lower()}_{digest}"
         _ensure_ninja_on_path()
+        _clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
         start = time.perf_counter()
         mod = cpp_extension.load(
-            name=f"losskit_chunked_{cap.lower()}_{digest}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
