@@ -16,7 +16,7 @@ def test_bench_service_smoke(hf_home, tmp_path, capsys):
     out = tmp_path / "service.csv"
     assert main(["--reps", "2", "--clients", "2", "--steps", "2", "--csv", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "HTTP overhead" in text and "load: requests per second" in text
+    assert "HTTP overhead vs device work" in text and "load: requests per second" in text
     rows = {r["metric"]: r for r in csv.DictReader(out.open())}
     assert rows["load: lost results"]["value"] == "0" and rows["load: crossed results"]["value"] == "0"
     assert float(rows["forward_backward over HTTP (median)"]["value"]) > 0

@@ -224,3 +224,16 @@ def test_health_info_and_metrics(server, http):
     text = http.get("/metrics").text
     assert "losskit_requests_total" in text and "losskit_request_seconds_bucket" in text
     assert "losskit_queue_depth" in text
+
+
+def test_result_tensors_as_lists_or_b64_are_the_same_numbers(http):
+    from losskit.service.tensors import decode_tensor
+
+    headers = _session(http)
+    _model(http, headers, "enc")
+    body = {"model_id": "enc", "data": [ROW, ROW[:5]], "forward_only": True, "wait_s": 20}
+    lists = _post(http, "/v1/forward", {**body, "seq_id": 1}, headers).json()["result"]["loss_fn_outputs"]
+    b64 = _post(http, "/v1/forward", {**body, "seq_id": 2, "tensor_encoding": "b64"}, headers).json()
+    outs = b64["result"]["loss_fn_outputs"]
+    assert all(o["logprobs"]["dtype"] == "float32" and "b64" in o["logprobs"] for o in outs)
+    assert [decode_tensor(o["logprobs"], "x").tolist() for o in outs] == [o["logprobs"] for o in lists]

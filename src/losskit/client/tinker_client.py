@@ -46,6 +46,21 @@ def _tensor_json(value: Any) -> Any:
     return value
 
 
+def _decode_outputs(result: dict) -> dict:
+    """Result tensors (sent as b64 tensor JSON) back to plain lists."""
+    from losskit.service.tensors import decode_tensor, is_tensor_json
+
+    def plain(value):
+        return decode_tensor(value, "logprobs").tolist() if is_tensor_json(value) else value
+
+    outputs = result.get("loss_fn_outputs")
+    if isinstance(outputs, list):
+        result["loss_fn_outputs"] = [{k: plain(v) for k, v in o.items()} for o in outputs]
+    elif isinstance(outputs, dict):
+        result["loss_fn_outputs"] = {k: plain(v) for k, v in outputs.items()}
+    return result
+
+
 def _row(row: Any) -> Any:
     if isinstance(row, str):
         return {"text": row}
@@ -220,7 +235,7 @@ class TinkerClient:
         inputs = {k: _tensor_json(v) for k, v in (loss_fn_inputs or {}).items() if v is not Ellipsis}
         config = {**(loss_fn_config or {}), **hyperparameters}
         body: dict[str, Any] = {"model_id": model_id, "seq_id": self._seq(model_id), "data": _rows(data),
-                                "loss_fn": loss_fn}
+                                "loss_fn": loss_fn, "tensor_encoding": "b64"}
         if inputs:
             body["loss_fn_inputs"] = inputs
         if config:
@@ -232,7 +247,7 @@ class TinkerClient:
                                loss_fn_config: Mapping[str, Any] | None = None, _wait: bool = False,
                                **hyperparameters: Any) -> ClientFuture:
         body = self._fb_body(model_id, data, loss_fn, loss_fn_inputs, loss_fn_config, hyperparameters)
-        return self._submit("/v1/forward_backward", body, wait=_wait)
+        return self._submit("/v1/forward_backward", body, wait=_wait, transform=_decode_outputs)
 
     def forward_backward(self, model_id: str, data: Any, loss_fn: str = "cross_entropy",
                          loss_fn_inputs: Mapping[str, Any] | None = None, *,
@@ -249,7 +264,7 @@ class TinkerClient:
                       loss_fn_inputs: Mapping[str, Any] | None = None, *, loss_fn_config: Mapping[str, Any] | None = None,
                       _wait: bool = False, **hyperparameters: Any) -> ClientFuture:
         body = self._fb_body(model_id, data, loss_fn, loss_fn_inputs, loss_fn_config, hyperparameters)
-        return self._submit("/v1/forward", body, wait=_wait)
+        return self._submit("/v1/forward", body, wait=_wait, transform=_decode_outputs)
 
     def forward(self, model_id: str, data: Any, loss_fn: str = "cross_entropy",
                 loss_fn_inputs: Mapping[str, Any] | None = None, *, loss_fn_config: Mapping[str, Any] | None = None,

@@ -245,7 +245,7 @@ class Backend:
         flat_args, flat_config = self._token_args(b, loss.config, batch, None, None, flat_lp)
         with torch.no_grad():
             diagnostics = _floats(b.fn(flat_lp, *flat_args, **flat_config).diagnostics)
-        outputs = [{"logprobs": lp.cpu().tolist()} for lp in rows_lp]
+        outputs = [{"logprobs": lp.float().cpu()} for lp in rows_lp]  # tensors: the surface encodes them
         return {"loss": diagnostics["loss:sum"], "metrics": diagnostics, "loss_fn_outputs": outputs,
                 "num_tokens": batch.num_tokens}
 
@@ -333,6 +333,7 @@ class Backend:
         return NativeResult(loss_t.reshape(()), lp if isinstance(lp, torch.Tensor) else None, clean)
 
     def _row_outputs(self, logprobs: torch.Tensor | None, batch: Batch) -> list[dict[str, Any]] | dict[str, Any]:
+        """Per-row logprobs (CPU tensors) trimmed to each row's length when they are ``[B, T, ...]``."""
         B, T = batch.input_ids.shape
         if logprobs is None:
             return [{"logprobs": None} for _ in range(B)]
@@ -342,9 +343,9 @@ class Backend:
         lp = logprobs.detach().float().cpu()
         if lp.dim() >= 1 and lp.shape[0] == B:
             if lp.dim() >= 2 and lp.shape[1] == T:
-                return [{"logprobs": lp[i, :n].tolist()} for i, n in enumerate(batch.lengths)]
-            return [{"logprobs": lp[i].tolist()} for i in range(B)]
-        return {"logprobs": lp.tolist()}
+                return [{"logprobs": lp[i, :n]} for i, n in enumerate(batch.lengths)]
+            return [{"logprobs": lp[i]} for i in range(B)]
+        return {"logprobs": lp}
 
     def optim_step(self, model: TrainingModel, adam: optim.AdamParams) -> dict[str, float]:
         metrics = optim.optimizer_step(model.optimizer, model.params, adam)

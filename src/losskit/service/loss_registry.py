@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ from losskit.contract import ConfigError, LossFnOutput, LossInputError
 from losskit.service.custom_loss import LossProgram
 from losskit.service.errors import ServiceError
 
+#: Configs that passed their dry run (an insertion-ordered bounded set): a repeated config skips it.
+_CHECKED: dict[str, None] = {}
 #: service_fn parameter -> the request's loss_fn_inputs key (Tinker names the sampler's logprobs ``logprobs``).
 WIRE_NAMES = {"sampling_logprobs": "logprobs"}
 _REQUIRED = inspect.Parameter.empty
@@ -102,8 +105,21 @@ class BuiltinLoss:
                 if default is _REQUIRED and key not in config and key not in input_keys:
                     raise ServiceError("missing_config", f"loss {self.name!r} needs loss_fn_config[{key!r}]",
                                        detail={"argument": key})
-        self._dry_run(config, vocab_size)
+        key = self._cache_key(config, vocab_size)
+        if key is None or key not in _CHECKED:
+            self._dry_run(config, vocab_size)
+            if key is not None:
+                _CHECKED[key] = None
+                while len(_CHECKED) > 4096:
+                    _CHECKED.pop(next(iter(_CHECKED)))
         return config
+
+    def _cache_key(self, config: Mapping[str, Any], vocab_size: int) -> str | None:
+        """A key for configs already validated by a dry run (JSON-able configs only)."""
+        try:
+            return json.dumps([self.name, vocab_size, config], sort_keys=True)
+        except (TypeError, ValueError):
+            return None
 
     def _dry_run(self, config: dict[str, Any], vocab_size: int) -> None:
         try:

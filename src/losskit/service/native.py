@@ -16,6 +16,7 @@ import logging
 import math
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -29,6 +30,7 @@ from losskit.service.loss_registry import CustomLoss
 from losskit.service.operations import Service
 from losskit.service.optim import AdamParams
 from losskit.service.sampling import PromptOptions, SamplingParams
+from losskit.service.tensors import encode_tensor
 
 log = logging.getLogger("losskit.serve")
 
@@ -40,19 +42,24 @@ PICKLE_FORBIDDEN = (
 )
 
 
-def clean(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by None (strict JSON)."""
+def clean(value: Any, b64: bool = False) -> Any:
+    """``value`` as strict JSON data: non-finite floats become None; tensors become lists (NaN -> None), or tensor
+    JSON with ``b64`` (what ``losskit.client`` asks for: smaller and faster to encode and decode)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        if b64:
+            return encode_tensor(value, b64=True)
+        return clean(value.tolist()) if not bool(torch.isfinite(value).all()) else value.tolist()
     if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
+        return {k: clean(v, b64) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
+        return [clean(v, b64) for v in value]
     return value
 
 
-def dumps(value: Any) -> bytes:
-    return json.dumps(clean(value), separators=(",", ":"), allow_nan=False).encode()
+def dumps(value: Any, b64: bool = False) -> bytes:
+    return json.dumps(clean(value, b64), separators=(",", ":"), allow_nan=False).encode()
 
 
 def body_hash(body: Any) -> str:
@@ -98,11 +105,11 @@ def make_router(service: Service) -> APIRouter:
         request.scope["state"]["log_model"] = model
         request.scope["state"]["log_seq"] = seq
 
-    def encoder(alias: str | None = None):
+    def encoder(alias: str | None = None, b64: bool = False):
         def encode(value):
             if isinstance(value, dict) and alias is not None:
                 value = {**value, "model_id": alias}
-            return dumps(value), "application/json"
+            return dumps(value, b64), "application/json"
 
         return encode
 
@@ -256,7 +263,8 @@ def make_router(service: Service) -> APIRouter:
                                     max_rows=settings.max_datums_per_request, max_len=service.max_len(state.info))
                 loss = service.resolve_loss(session, body.loss_fn, config, set(batch.inputs), state.info)
                 return service.forward_backward(session, model_id, body.seq_id, body_hash(body), loss, batch,
-                                                forward_only=forward_only, encode=encoder(body.model_id),
+                                                forward_only=forward_only,
+                                                encode=encoder(body.model_id, body.tensor_encoding == "b64"),
                                                 request_bytes=request.scope["state"].get("body_bytes", 0))
 
             return guarded(session, model_id, body, validate_and_submit)

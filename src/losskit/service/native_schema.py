@@ -7,7 +7,7 @@ A validation failure is a 400 that names the field, never a 422.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +46,8 @@ class ForwardBackwardRequest(Body):
     loss_fn_inputs: dict[str, Any] | None = None
     loss_fn_config: dict[str, Any] | None = None
     forward_only: bool = False
+    tensor_encoding: Literal["list", "b64"] = Field(
+        default="list", description='how result tensors (logprobs) travel: JSON lists, or "b64" tensor JSON')
     wait_s: WaitS = None
 
 

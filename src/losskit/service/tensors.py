@@ -140,8 +140,9 @@ def decode_rows(value: Any, name: str) -> list[torch.Tensor] | torch.Tensor:
     return [decode_tensor(row, f"{name}[{i}]") for i, row in enumerate(value)]
 
 
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """Tensor JSON for ``t`` (``b64`` above ``B64_THRESHOLD`` elements); bfloat16 and float64 go as float32."""
+def encode_tensor(t: torch.Tensor, *, b64: bool | None = None) -> dict[str, Any]:
+    """Tensor JSON for ``t``: ``b64`` when asked, by default above ``B64_THRESHOLD`` elements; bfloat16 and float64
+    go as float32."""
     if t.dtype in (torch.float64, torch.float16, torch.bfloat16):
         t = t.float()
     if t.dtype == torch.int32:
@@ -150,7 +151,7 @@ def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
         raise TypeError(f"cannot encode a {t.dtype} tensor (float32, int64, bool)")
     t = t.detach().cpu().contiguous()
     out: dict[str, Any] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape)}
-    if t.numel() > B64_THRESHOLD:
+    if (t.numel() > B64_THRESHOLD) if b64 is None else b64:
         out["b64"] = base64.b64encode(t.numpy().tobytes()).decode("ascii")
     else:
         out["data"] = t.reshape(-1).tolist()
