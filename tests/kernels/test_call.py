@@ -7,6 +7,7 @@ Every value is checked against plain torch (``F.cross_entropy`` in float64), nev
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 
 import pytest
@@ -177,8 +178,10 @@ def test_describe_builds_the_final_form_of_every_option():
 
 # ---- the eager/deferred policy -----------------------------------------------------------------------------
 
-# eager = impl is "chunked" and reduction == "sum" and a gradient is wanted
-#         and (grad_mode == "forward" or (grad_mode == "auto" and not on CUDA))
+# eager   = impl is "chunked" or "triton", reduction == "sum" and a gradient is wanted, and
+#           grad_mode == "forward", or grad_mode == "auto" and (impl == "triton" or not on CUDA)
+HAS_TRITON = (importlib.util.find_spec("triton") is not None  # without importing triton at collection
+              and importlib.util.find_spec("losskit.kernels.triton") is not None)
 POLICY = [
     ("chunked", "sum", "auto", True, True),
     ("chunked", "sum", "forward", True, True),
@@ -194,31 +197,45 @@ POLICY = [
 
 
 def _is_eager(loss: torch.Tensor) -> bool:
-    # eager mode applies the chunked fused Function, which holds G from the forward
+    # eager mode applies the implementation's fused Function, which holds G from the forward
     return loss.grad_fn is not None and type(loss.grad_fn).__name__ == "FusedTokenLossFunctionBackward"
 
 
 @pytest.mark.parametrize(("impl", "reduction", "grad_mode", "want_grad", "eager"), POLICY)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_eager_deferred_policy(impl, reduction, grad_mode, want_grad, eager, smoothing):
+    check_policy(impl, reduction, grad_mode, want_grad, eager, smoothing)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(("grad_mode", "eager"), [("auto", True), ("backward", False)])
+def test_eager_deferred_policy_triton(grad_mode, eager):
+    """Through the interpreter on CPU, in fp32 (fp64 logits are served by "chunked")."""
+    check_policy("triton", "sum", grad_mode, True, eager, 0.1)
+
+
+def check_policy(impl, reduction, grad_mode, want_grad, eager, smoothing):
+    dtype = torch.float32 if impl == "triton" else F64
+    tol = {"rtol": 2e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
     base, target = args(v=7, n=6)
     target[1] = -100
-    x = base.clone().requires_grad_(want_grad)
+    x = base.to(dtype).requires_grad_(want_grad)
     logits = x * 1.0
     c = calls.describe(logits, target, impl=impl, reduction=reduction, grad_mode=grad_mode, normalizer=None
                        if reduction == "none" else 4.0, label_smoothing=smoothing)
+    assert c.impl == ("chunked" if impl == "auto" else impl)
     out = calls.fused(c)
     assert _is_eager(out.loss) is eager
     # both modes compute the same thing: the plain-torch smoothed CE (sum / 4, or per token)
     ref_x = base.clone().requires_grad_(True)
     ref = F.cross_entropy(ref_x, target, label_smoothing=smoothing, reduction="none")
     ref = ref if reduction == "none" else ref.sum() / 4.0
-    torch.testing.assert_close(out.loss.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.loss.detach().double(), ref.detach(), **tol)
     if want_grad:
         upstream = torch.linspace(0.5, 2.0, 6, dtype=F64) if reduction == "none" else torch.tensor(3.0, dtype=F64)
-        (g,) = torch.autograd.grad(out.loss, x, upstream)
+        (g,) = torch.autograd.grad(out.loss, x, upstream.to(dtype))
         (g_ref,) = torch.autograd.grad(ref, ref_x, upstream)
-        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g.double(), g_ref, **tol)
     else:
         assert not out.loss.requires_grad
 
@@ -233,11 +250,14 @@ def test_no_grad_mode_is_deferred_even_when_forward_is_asked():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_auto_on_cuda_is_deferred_and_forward_is_eager():
+def test_on_cuda_auto_keeps_chunked_deferred_and_triton_eager():
     base, target = (t.cuda() for t in args(v=7, n=6, dtype=torch.float32))
     x = base.clone().requires_grad_(True)
     assert not _is_eager(calls.fused(calls.describe(x * 1.0, target, impl="chunked")).loss)
     assert _is_eager(calls.fused(calls.describe(x * 1.0, target, impl="chunked", grad_mode="forward")).loss)
+    if HAS_TRITON:
+        assert _is_eager(calls.fused(calls.describe(x * 1.0, target, impl="triton")).loss)
+        assert not _is_eager(calls.fused(calls.describe(x * 1.0, target, impl="triton", grad_mode="backward")).loss)
 
 
 # ---- running a call ----------------------------------------------------------------------------------------
