@@ -49,7 +49,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[k]
 
 
-def measure_overhead(reps: int, state_dir: str) -> dict:
+def measure_overhead(reps: int, state_dir: str, cpu_threads: int = 0) -> dict:
     """Median ms of the HTTP call and of the in-process call, interleaved, and the overhead ratio."""
     import torch
 
@@ -58,7 +58,7 @@ def measure_overhead(reps: int, state_dir: str) -> dict:
     from losskit.service.server import BackgroundServer
     from losskit.service.settings import make_settings
 
-    server = BackgroundServer(make_settings(port=0, state_dir=state_dir)).start()
+    server = BackgroundServer(make_settings(port=0, state_dir=state_dir, cpu_threads=cpu_threads)).start()
     try:
         client = TinkerClient(server.url)
         model = client.create_model("bench", rank=8, seed=0)
@@ -116,9 +116,9 @@ def measure_overhead(reps: int, state_dir: str) -> dict:
         server.stop()
 
 
-def _start_subprocess(state_dir: str) -> tuple[subprocess.Popen, str]:
+def _start_subprocess(state_dir: str, cpu_threads: int = 0) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "losskit", "serve", "--port", "0", "--state-dir", state_dir, "--no-tinker-surface",
-           "--log-level", "warning"]
+           "--log-level", "warning", "--cpu-threads", str(cpu_threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -153,9 +153,9 @@ def _adapter_bytes(state_dir: str, path: str) -> bytes:
     return files["adapter_model.safetensors"]
 
 
-def measure_load(clients: int, steps: int, state_dir: str) -> dict:
+def measure_load(clients: int, steps: int, state_dir: str, cpu_threads: int = 0) -> dict:
     """Concurrent clients against a server subprocess; then each model alone, and the adapters compared."""
-    proc, url = _start_subprocess(state_dir)
+    proc, url = _start_subprocess(state_dir, cpu_threads)
     try:
         data = {f"c{i}": _rows(4, 65, 100 + i) for i in range(clients)}
         latencies: list[float] = []
@@ -192,6 +192,9 @@ def main(argv: Sequence[str], prog: str = "bench_service.py") -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the load test")
     parser.add_argument("--steps", type=int, default=30, help="forward_backward + optim_step steps per client")
     parser.add_argument("--skip-load", action="store_true", help="only the overhead measurement")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="the server's torch threads (0: physical cores; 1 helps on a machine shared with other "
+                        "CPU-bound jobs)")
     parser.add_argument("--csv", type=pathlib.Path, default=None, help="CSV path (default bench_results/service_<date>.csv)")
     args = parser.parse_args(list(argv))
     import torch
@@ -199,8 +202,9 @@ def main(argv: Sequence[str], prog: str = "bench_service.py") -> int:
     env = describe(torch.device("cpu"))
     load_avg = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        over = measure_overhead(args.reps, os.path.join(tmp, "overhead"))
-        load = None if args.skip_load else measure_load(args.clients, args.steps, os.path.join(tmp, "load"))
+        over = measure_overhead(args.reps, os.path.join(tmp, "overhead"), args.cpu_threads)
+        load = None if args.skip_load else measure_load(args.clients, args.steps, os.path.join(tmp, "load"),
+                                                        args.cpu_threads)
     rows = [
         ("forward_backward over HTTP (median)", f"{over['http_ms']:.1f}", "ms", f"8x128 tokens, {over['reps']} reps"),
         ("forward_backward in-process (median)", f"{over['inprocess_ms']:.1f}", "ms", "device work on the worker"),
@@ -220,7 +224,8 @@ def main(argv: Sequence[str], prog: str = "bench_service.py") -> int:
             ("load: lost results", str(load["lost"]), "models", "models without a final checkpoint"),
             ("load: crossed results", str(load["crossed"]), "models", "adapter differs from training alone"),
         ]
-    print(f"{env.device}, torch {env.torch}, commit {env.git_commit}, {env.date}, 1-min load average {load_avg:.2f}")
+    print(f"{env.device}, torch {env.torch}, commit {env.git_commit}, {env.date}, 1-min load average {load_avg:.2f}, "
+          f"server threads {args.cpu_threads or 'physical cores'}")
     print(text_table(("metric", "value", "unit", "detail"), rows))
     path = args.csv or dated_csv_path("service")
     path.parent.mkdir(parents=True, exist_ok=True)
