@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losskit.combined import CombinedLoss, CombinedLossOutput
-from losskit.contract import ConfigError, LossInputError
+from losskit.contract import ConfigError
 from losskit.losses import CrossEntropyLoss, EnergyLoss
 
 F64 = torch.float64
@@ -111,18 +111,16 @@ def test_mask_and_count_reach_the_temporal_cross_entropy():
     torch.testing.assert_close(got, 2.0 * summed / 10, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="CombinedLoss passes mask= to every criterion that takes logits/target, but "
-                   "LabelSmoothedCrossEntropy.forward has no mask argument: a bare TypeError instead of the masked "
-                   "loss or a ConfigError naming the criterion")
 def test_mask_with_a_label_smoothed_criterion_is_honoured_or_rejected_by_name():
     x, target = inputs(4)
     logits = model()(x)
     mask = torch.ones(2, 4, dtype=torch.bool)
     mask[0, 0] = False
+    mask[0, 3] = False  # the -1 target (this criterion ignores -100 only)
     criterion = CombinedLoss.from_config([{"name": "label_smoothed_cross_entropy", "kwargs": {"epsilon": 0.1}}])
     try:
         got = criterion(logits, target, mask=mask)
-    except (ConfigError, LossInputError) as err:
+    except ConfigError as err:
         assert "label_smoothed_cross_entropy" in str(err) and "mask" in str(err)
     else:
         keep = ((target != -100) & mask).reshape(-1)
@@ -155,8 +153,6 @@ def test_criterion_lookup_set_input_checks_and_repr():
         criterion)
 
 
-@pytest.mark.xfail(strict=True, reason="CombinedLoss.set_input_checks validates the mode only inside the loop over "
-                   "criteria that have the option, so a bad mode is silently accepted when none has it")
 def test_set_input_checks_rejects_a_bad_mode_whatever_the_criteria():
     with pytest.raises(ConfigError, match="input_checks"):
         CombinedLoss.from_config([{"name": "energy_loss"}]).set_input_checks("later")
@@ -207,3 +203,11 @@ def test_one_loss_under_two_spellings_is_two_labels():
 def test_direct_construction_needs_a_criterion():
     with pytest.raises(ConfigError, match="at least one"):
         CombinedLoss([])
+
+
+def test_an_extra_a_criterion_cannot_use_is_an_error_naming_both():
+    x, target = inputs(4)
+    target[0, 3] = 2
+    criterion = CombinedLoss.from_config([{"name": "label_smoothed_cross_entropy", "kwargs": {"epsilon": 0.1}}])
+    with pytest.raises(ConfigError, match="criterion 'label_smoothed_cross_entropy'.*does not take num_valid_timesteps"):
+        criterion(model()(x), target, num_valid_timesteps=3)

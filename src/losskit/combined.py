@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import numbers
@@ -39,6 +40,21 @@ log = logging.getLogger(__name__)
 
 _ENTRY_KEYS = ("name", "weight", "kwargs", "label")
 _TENSOR_INPUTS = frozenset({"logits", "target"})
+
+
+def _accepted(label: str, module: nn.Module, extras: Mapping[str, Any]) -> dict[str, Any]:
+    """``extras`` (``mask``, ``num_valid_timesteps``) for a criterion whose ``forward`` takes them; a
+    ``ConfigError`` naming the criterion and the argument where it cannot use one (never silently dropped)."""
+    if not extras:
+        return {}
+    params = inspect.signature(module.forward).parameters
+    missing = [k for k in extras if k not in params]
+    if missing:
+        raise ConfigError(
+            f"criterion {label!r} ({type(module).__name__}) does not take {', '.join(missing)}; pass it only to "
+            "criteria that use it, or drop that criterion"
+        )
+    return dict(extras)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,10 +232,10 @@ class CombinedLoss(nn.Module):
 
     def set_input_checks(self, mode: str) -> None:
         """Set ``input_checks`` (``"immediate"``/``"deferred"``) on every criterion that has the option."""
+        if mode not in INPUT_CHECKS:
+            raise ConfigError(f"input_checks must be 'immediate' or 'deferred', got {mode!r}")
         for module in self.criteria:
             if hasattr(module, "input_checks"):
-                if mode not in INPUT_CHECKS:
-                    raise ConfigError(f"input_checks must be 'immediate' or 'deferred', got {mode!r}")
                 module.input_checks = mode
 
     def forward(
@@ -243,7 +259,7 @@ class CombinedLoss(nn.Module):
             if spec.needs_inputs:
                 if logits is None or target is None:
                     raise ConfigError(f"criterion {spec.label!r} needs logits and target, got None")
-                value = module(logits, target, **extras)
+                value = module(logits, target, **_accepted(spec.label, module, extras))
             else:
                 value = module()
             components[spec.label] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Iterable
 
@@ -15,10 +16,12 @@ from losskit.contract import (
     SMOOTHING_CONVENTIONS,
     LossInputError,
     check_choice,
+    check_ignore_index,
     check_logits_target,
     validity_mask,
 )
 from losskit.functional import reduce
+from losskit.functional.cross_entropy import exclude_ids
 from losskit.hooks import EnergyRecorder, EnergyStats
 
 
@@ -63,21 +66,25 @@ class LabelSmoothedCrossEntropy(nn.Module):
         smoothing_exclude: Iterable[int] = (),
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(epsilon) < 1.0:
-            raise LossInputError(f"epsilon must be in [0, 1), got {epsilon}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= float(epsilon) < 1.0:
+            raise LossInputError(f"epsilon must be in [0, 1), got {epsilon!r}")
+        check_ignore_index(ignore_index)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("smoothing_convention", smoothing_convention, SMOOTHING_CONVENTIONS)
         self.epsilon = float(epsilon)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.smoothing_convention = smoothing_convention
-        self.smoothing_exclude = tuple(int(i) for i in smoothing_exclude)
+        # types and signs now; the upper bound V is checked against the logits at the first call
+        self.smoothing_exclude = exclude_ids(smoothing_exclude, None, name="smoothing_exclude")
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``logits`` (N, V) or (B, T, V) against ``target`` (N,) or (B, T)."""
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of ``logits`` (N, V) or (B, T, V) against ``target`` (N,) or (B, T); ``mask`` (bool, the leading
+        shape) removes positions too."""
         return kernels.cross_entropy(
             logits,
             target,
+            mask=mask,
             ignore_index=self.ignore_index,
             label_smoothing=self.epsilon,
             smoothing_convention=self.smoothing_convention,

@@ -64,7 +64,7 @@ _NEG_INF = float("-inf")
 
 def exclude_ids(
     smoothing_exclude: Iterable[int] | torch.Tensor | None,
-    num_classes: int,
+    num_classes: int | None,
     *,
     name: str = "smoothing_exclude",
 ) -> tuple[int, ...]:
@@ -75,13 +75,16 @@ def exclude_ids(
 
     Args:
         smoothing_exclude: list/tuple/set/range of ints, a 0-d or 1-D integer tensor, or None (empty).
-        num_classes: V.
+        num_classes: V, or None where V is not known yet (a module's constructor): ids must then be >= 0, and
+            the upper bound is checked at the first call.
         name: the argument named in error messages.
 
     Raises:
         LossInputError: an id is not an integer or lies outside ``[0, V)`` (names ``name``, the id and V).
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1
+    ):
         raise LossInputError(f"num_classes must be a positive int, got {num_classes!r}")
     if smoothing_exclude is None:
         return ()
@@ -116,7 +119,9 @@ def exclude_ids(
             raise LossInputError(
                 f"{name} must hold integer class ids, got {item!r} ({type(item).__name__})"
             ) from None
-        if not 0 <= idx < num_classes:
+        if num_classes is None and idx < 0:
+            raise LossInputError(f"{name}: class id {idx} is negative; expected class ids >= 0")
+        if num_classes is not None and not 0 <= idx < num_classes:
             raise LossInputError(
                 f"{name}: class id {idx} is outside [0, V) with V={num_classes}; expected ids in [0, {num_classes})"
             )
