@@ -238,7 +238,7 @@ def validity_mask(
 
 
 def _position(index: int, lead_shape: tuple[int, ...]) -> str:
-    """Format a flat row index as ``(b=.., t=..)`` (3-D input) or ``(n=..)`` (2-D input)."""
+    """Format a flat row index as ``(b=.., t=..)``; 2-D input ``(N, V)`` reads as ``(b=n, t=0)``."""
     if len(lead_shape) == 2:
         b, t = divmod(index, lead_shape[1])
         return f"(b={b}, t={t})"

@@ -126,8 +126,10 @@ def fused_token_loss(
     Gradient modes: ``"forward"`` (eager; ``reduction="sum"`` only) writes G for an upstream of
     ``grad_scale`` during the forward and only rescales in backward when the upstream differs;
     ``"backward"`` (deferred) saves row constants and writes G in backward; ``"auto"`` picks eager for
-    ``reduction="sum"`` on CPU (chunked), deferred otherwise. A gradient of ``token_weight`` (if it requires
-    grad) is ``upstream·(CE_ε + λ·lse²)/normalizer``. Never syncs; bad rows set ``stats.bad``.
+    ``reduction="sum"`` (chunked on CPU, triton), deferred otherwise. ``impl="torch"`` (the reference) always
+    differentiates with autograd: ``grad_mode``, ``grad_scale`` and ``inplace_grad`` are permissions and hints for
+    the fast paths and change no value. A gradient of ``token_weight`` (if it requires grad) is
+    ``upstream·(CE_ε + λ·lse²)/normalizer``. Never syncs; bad rows set ``stats.bad``.
 
     Returns:
         ``FusedLoss(loss, token_loss, stats)``; ``token_loss`` (detached, unweighted ``CE_ε + λ·lse²``) and

@@ -1,9 +1,9 @@
 """One validated call description, and the dispatch of a call to its implementation.
 
 ``describe`` checks every argument of ``token_stats`` / ``fused_token_loss`` / ``cross_entropy`` once, in one
-order and with one wording (shapes and dtypes, ``ignore_index``, the implementation, the reduction and gradient
-mode, label smoothing and its column sets, z-loss, normalizer and upstream scale, in-place permission, chunk
-budget), and returns a frozen ``Call``. Nothing below it checks again: ``stats``, ``fused`` and ``parts`` run a
+order and with one wording (shapes and dtypes, ``ignore_index``, the excluded column ids, the implementation, the
+reduction and gradient mode, label smoothing and the hard-target ids, z-loss, normalizer and upstream scale,
+in-place permission, chunk budget), and returns a frozen ``Call``. Nothing below it checks again: ``stats``, ``fused`` and ``parts`` run a
 ``Call`` on the implementation it names (``"torch"``: ``reference``; ``"chunked"``; ``"triton"``).
 
 Which gradient mode a fused call takes (the eager/deferred policy)::
