@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from losskit.bench import report
-from losskit.bench.cross_entropy import T5_BASELINE, T5_NAME, Row
+from losskit.bench.cross_entropy import MEMCPY_NAME, T5_BASELINE, T5_NAME, T5P_NAME, Row
 from losskit.bench.env import Environment
 from losskit.bench.memory import MIB
 
@@ -57,13 +57,21 @@ def test_header_lines():
 
 @pytest.mark.parametrize(
     "ours, peak, verdict, mem",
-    [(11.0, 1000 * 400 * 4, "met", "met"), (13.0, 1000 * 400 * 4 + 33 * MIB, "MISSED", "MISSED")],
+    [(9.0, 1000 * 400 * 4, "met", "met"), (11.0, 1000 * 400 * 4 + 33 * MIB, "MISSED", "MISSED")],
 )
 def test_t5_verdicts(ours, peak, verdict, mem):
     rows = [row(T5_BASELINE, 10.0, n=1000, v=400), row(T5_NAME, ours, n=1000, v=400, peak=peak)]
     (line,) = report.t5_lines(rows)
-    assert line.startswith(f"T5 N=1000 V=400: {ours:.3f} ms / 10.000 ms = {ours / 10:.2f}x")
-    assert f"(target <= 1.2: {verdict})" in line and line.endswith(f"({mem})")
+    assert line.startswith(f"T5 N=1000 V=400: {ours:.3f} ms / 10.000 ms ({T5_BASELINE}) = {ours / 10:.2f}x")
+    assert f"(target <= 1.0: {verdict})" in line and line.endswith(f"({mem})")
+
+
+def test_t5p_and_stretch_lines():
+    rows = [row(T5_BASELINE, 10.0), row(T5_NAME, 9.0), row(T5P_NAME, 11.5), row(MEMCPY_NAME, 5.0)]
+    lines = report.t5_lines(rows)
+    assert [ln.split(" N=")[0] for ln in lines] == ["T5", "T5p", "T5 stretch"]
+    assert "= 1.15x (target <= 1.2: met)" in lines[1]
+    assert f"({MEMCPY_NAME}) = 1.80x (target <= 1.5: MISSED)" in lines[2]
 
 
 def test_t5_not_measured():
@@ -72,6 +80,14 @@ def test_t5_not_measured():
         f"T5 N=100 V=1000: not measured ({T5_NAME}: skipped: losskit.kernels not available; baseline: ok)"
     ]
     assert report.t5_lines([row("other", 1.0)]) == []
+
+
+def test_cpu_table_shows_the_ratio_to_the_compiled_ce():
+    table = report.result_table([row(T5_BASELINE, 10.0), row(T5_NAME, 8.0)], gib=False)
+    header, _, first, second = table.splitlines()
+    assert "x compiled CE" in header and first.split()[-3] == "1.00" or "1.00" in first
+    assert "0.80" in second
+    assert "x compiled CE" not in report.result_table([row(T5_NAME, 8.0)], gib=False)
 
 
 def test_gpu_target_lines():

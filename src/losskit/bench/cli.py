@@ -89,7 +89,7 @@ def _options(args: argparse.Namespace) -> cross_entropy.Options:
     for n, _ in shapes:
         cross_entropy.sequence_shape(n)
     return cross_entropy.Options(
-        device=device, shapes=shapes, reps=args.reps or reps, warmup=warmup, check=args.check
+        device=device, shapes=shapes, reps=args.reps or reps, warmup=warmup, check=args.check, quick=args.quick
     )
 
 
@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None, prog: str = "losskit bench") -> int:
             torch.cuda.empty_cache()
     print()
     print(report.result_table(rows, gib=options.device.type == "cuda"))
+    first = cross_entropy.first_call_seconds()
+    if first:
+        print("\nfirst call (compile or build, in the untimed warm-up round): "
+              + "; ".join(f"{name} {seconds:.1f} s" for name, seconds in first.items()))
     targets = report.t5_lines(rows) if options.device.type == "cpu" else report.gpu_target_lines(rows)
     if targets:
         print()

@@ -255,6 +255,22 @@ def modifier_pipeline(cfg: AllFeatures, num_classes: int):
     )
 
 
+def seed_pipeline(cfg: AllFeatures):
+    """Seed 000's pipeline as a user configures it: target smoothing ε (no special ids) and the entropy weight
+    (weight, τ; eps rule off, as the careful torch pipeline has none). Deferred input checks (the trainer's path).
+
+    Plain torch equivalent: ``careful_torch_pipeline(logits, target, cfg)``.
+    """
+    from losskit.modifiers import create_loss_modifier_pipeline
+
+    return create_loss_modifier_pipeline({
+        "loss_modifiers_enabled": True,
+        "target_smoothing_enabled": True, "target_smoothing_factor": cfg.label_smoothing,
+        "entropy_modifier_enabled": True, "entropy_modifier_weight": cfg.entropy_weight,
+        "entropy_modifier_threshold": cfg.entropy_threshold, "entropy_modifier_eps": 0.0,
+    }, verbose=False, input_checks="deferred")
+
+
 def losskit_modifier_pipeline(
     pipeline, logits: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor, *, impl: str,
     inplace_grad: bool = False,
