@@ -80,10 +80,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("deterministic", "bool", False, "use deterministic torch algorithms"),
     Flag("native_surface", "bool", True, "serve the native /v1 API (and the seed's /list_loss_functions, "
          "/register_custom_loss)"),
-    Flag("tinker_surface", "bool", True, "check the installed tinker SDK at startup, the schema source of the "
-         "Tinker wire surface (/api/v1, served by a later version); --no-tinker-surface skips the check"),
+    Flag("tinker_surface", "bool", True, "serve the official Tinker SDK's wire protocol (/api/v1), after checking "
+         "the installed tinker package (its schema source) at startup; --no-tinker-surface serves neither"),
     Flag("tinker_version_check", "choice", "strict", "on an SDK version or schema mismatch: strict exits with code 2, "
          "warn logs and starts", choices=("strict", "warn")),
+    Flag("tinker_custom_loss", "choice", "server", "where the Tinker SDK runs losses made with create_custom_loss: "
+         "server (uploaded as checked torch.fx graphs and run here) or client (the SDK runs them itself)",
+         choices=("server", "client")),
+    Flag("telemetry_log", "str", "", "append the Tinker SDK's telemetry batches to this file as JSON lines "
+         "(default: accepted and discarded)", metavar="PATH"),
     Flag("auto_create", "bool", True, "native: a forward_backward on an unknown model alias creates it on the default "
          "base model (--no-auto-create: 404 instead)"),
     Flag("max_request_mb", "float", 64.0, "largest request body (MiB)", minimum=0.001),
@@ -138,6 +143,8 @@ class ServeSettings:
     native_surface: bool = True
     tinker_surface: bool = True
     tinker_version_check: str = "strict"
+    tinker_custom_loss: str = "server"
+    telemetry_log: str = ""
     auto_create: bool = True
     max_request_mb: float = 64.0
     max_json_mb: float = 8.0
@@ -303,7 +310,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="losskit serve",
         description="Start the losskit training server: Hugging Face causal LMs with LoRA adapters, built-in and "
-        "custom losses, sampling and checkpoints, behind a JSON API (losskit.client). Every flag can also be set as "
+        "custom losses, sampling and checkpoints, behind a JSON API (losskit.client) and the official Tinker SDK's "
+        "wire protocol (tinker.ServiceClient). Every flag can also be set as "
         "LOSSKIT_<FLAG> (e.g. LOSSKIT_PORT=9000) or as a key of --config FILE.",
     )
     add_arguments(parser)
