@@ -26,8 +26,9 @@ from losskit import kernels
 from losskit.contract import LossFnOutput
 from losskit.service import lora, optim, snapshots
 from losskit.service.batch import Batch
-from losskit.service.custom_loss import NativeResult
+from losskit.service.custom_loss import TINKER_KIND, NativeResult
 from losskit.service.errors import ServiceError
+from losskit.service.loss_graph import ELEMENT_FACTOR
 from losskit.service.loss_registry import ResolvedLoss
 from losskit.service.models import BaseInfo, ModelRegistry, load_base_info
 from losskit.service.sampling import PromptOptions, SamplingParams, sample_units
@@ -195,6 +196,9 @@ class Backend:
         try:
             if loss.builtin is not None and loss.builtin.kind == "token":
                 result = yield from self._token_loss(model, loss, batch, forward_only)
+            elif loss.custom is not None and loss.custom.program is not None \
+                    and loss.custom.program.kind == TINKER_KIND:
+                result = yield from self._per_datum_loss(model, loss, batch, forward_only)
             else:
                 result = yield from self._whole_batch(model, loss, batch, forward_only)
             return result
@@ -224,10 +228,7 @@ class Backend:
             with torch.set_grad_enabled(not forward_only):
                 logits = self._logits(model, batch.input_ids[idx, :T])
                 tt = tt_all[idx, :T]
-                if rank2:
-                    lp = torch.log_softmax(logits, dim=-1).gather(-1, tt)
-                else:
-                    lp = -kernels.token_stats(logits, tt, ignore_index=None).nll
+                lp = self._target_logprobs(logits, tt)
                 mask = batch.attention_mask[idx, :T].to(self.device).bool()
                 if rank2:
                     mask = mask[..., None].expand(lp.shape)
@@ -248,6 +249,54 @@ class Backend:
         outputs = [{"logprobs": lp.float().cpu()} for lp in rows_lp]  # tensors: the surface encodes them
         return {"loss": diagnostics["loss:sum"], "metrics": diagnostics, "loss_fn_outputs": outputs,
                 "num_tokens": batch.num_tokens}
+
+    def _target_logprobs(self, logits: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        """``lp`` of ``target_tokens``: ``[B, T]`` for ``[B, T]`` targets, ``[B, T, K]`` for ``[B, T, K]`` ones."""
+        if tt.dim() == 3:
+            return torch.log_softmax(logits, dim=-1).gather(-1, tt)
+        return -kernels.token_stats(logits, tt, ignore_index=None).nll
+
+    def _per_datum_loss(self, model: TrainingModel, loss: ResolvedLoss, batch: Batch, forward_only: bool) -> Units:
+        """A Tinker custom loss (a ``tinker/1`` program): run once per datum on that datum's differentiable ``lp``
+        (shaped like its ``target_tokens``) and its declared inputs; the losses are summed, with one backward per
+        micro-batch. ``:sum`` metrics are summed and ``:mean`` metrics averaged over the datums; the reply adds
+        ``loss:sum`` and each datum's logprobs."""
+        program = loss.custom.program
+        tt_all = batch.inputs["target_tokens"].to(self.device)
+        rows_lp: list[torch.Tensor | None] = [None] * len(batch.lengths)
+        totals: list[torch.Tensor] = []
+        metric_sums: dict[str, torch.Tensor] = {}
+        for group in micro_batches(batch.lengths, self.settings.max_tokens_per_step):
+            T = max(batch.lengths[i] for i in group)
+            idx = torch.tensor(group)
+            with torch.set_grad_enabled(not forward_only):
+                logits = self._logits(model, batch.input_ids[idx, :T])
+                lp = self._target_logprobs(logits, tt_all[idx, :T])
+                group_loss = None
+                for j, i in enumerate(group):
+                    n = batch.lengths[i]
+                    inputs = {k: v.to(self.device) for k, v in batch.datum_inputs[i].items()}
+                    value, metrics = program.run_datum(
+                        lp[j, :n], inputs, max_elements=ELEMENT_FACTOR * n * logits.shape[-1],
+                        time_limit_s=self.settings.loss_time_limit_s)
+                    group_loss = value if group_loss is None else group_loss + value
+                    for key, m in metrics.items():
+                        metric_sums[key] = metric_sums[key] + m if key in metric_sums else m
+                if not forward_only:
+                    self._check_finite(group_loss, loss.name)
+                    group_loss.backward()
+            totals.append(group_loss.detach())
+            for j, i in enumerate(group):
+                rows_lp[i] = lp[j, : batch.lengths[i]].detach()
+            self.unit_log.append(("forward_backward", model.key, len(group) * T))
+            yield
+        count = len(batch.lengths)
+        diagnostics = {"loss:sum": torch.stack(totals).sum()}
+        for key, total in metric_sums.items():
+            diagnostics[key] = total / count if key.endswith(":mean") else total
+        metrics = _floats(diagnostics)
+        return {"loss": metrics["loss:sum"], "metrics": metrics,
+                "loss_fn_outputs": [{"logprobs": lp.float().cpu()} for lp in rows_lp], "num_tokens": batch.num_tokens}
 
     def _token_args(self, b, config: Mapping[str, Any], batch: Batch, idx, T, lp):
         """Positional inputs and config for rows ``idx`` (padded to ``T``), or all rows flattened when idx is None."""

@@ -39,6 +39,7 @@ class Batch:
         lengths: each row's length.
         inputs: ``loss_fn_inputs`` after the shift rule, padded (per-token tensors are ``[B, T, ...]``).
         shifted: whether the server derived ``target_tokens`` (and ``weights``) from the rows.
+        datum_inputs: per-datum inputs, unpadded, for losses that run once per datum (Tinker custom losses).
     """
 
     input_ids: torch.Tensor
@@ -46,6 +47,7 @@ class Batch:
     lengths: tuple[int, ...]
     inputs: dict[str, torch.Tensor]
     shifted: bool
+    datum_inputs: tuple[dict[str, torch.Tensor], ...] | None = None
 
     @property
     def num_tokens(self) -> int:

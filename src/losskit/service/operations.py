@@ -37,8 +37,25 @@ from losskit.service.settings import ServeSettings
 log = logging.getLogger("losskit.serve")
 
 
+@dataclasses.dataclass(frozen=True)
+class SnapshotSource:
+    """An adapter to sample from, held in memory: a checkpoint read once, or a snapshot of a training model.
+
+    Attributes:
+        label: what it is (the checkpoint's ``tinker://`` path, or the model id it was taken from).
+        base_model: the base model the adapter belongs to.
+        key: a unique name of this adapter's weights (the device keeps a few frozen copies by key).
+        snapshot: the CPU tensors and config.
+    """
+
+    label: str
+    base_model: str
+    key: str
+    snapshot: snapshots.AdapterSnapshot
+
+
 class Service:
-    """One server's operations (shared by the native surface and, later, the Tinker wire surface)."""
+    """One server's operations, shared by the native surface and the Tinker wire surface."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
@@ -128,9 +145,9 @@ class Service:
 
     # ---- models --------------------------------------------------------------------------------------------------
     def create_model(self, session: Session, model_id: str, base_model: str | None, spec: LoraSpec,
-                     encode: Encoder) -> Future:
+                     encode: Encoder, *, user_metadata: Mapping[str, Any] | None = None) -> Future:
         return self.engine.create_model(session, model_id, base_model or self.settings.default_base_model, spec,
-                                        encode)
+                                        encode, user_metadata=dict(user_metadata or {}))
 
     def forward_backward(self, session: Session, model_id: str, seq: int | None, body_hash: str,
                          loss: ResolvedLoss, batch: Batch, *, forward_only: bool, encode: Encoder,
@@ -149,10 +166,11 @@ class Service:
 
         return self.engine.submit(session, model_id, seq, body_hash, "optim_step", units, encode)
 
-    def _meta(self, state, seq: int | None, ttl_seconds: float | None) -> dict[str, Any]:
+    def _meta(self, state, seq: int | None, ttl_seconds: float | None,
+              user_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
         expires = None if ttl_seconds is None else time.time() + float(ttl_seconds)
         return {"seq_id": seq, "model_id": state.model_id, "base_model": state.base_name, "created": time.time(),
-                "expires_at": expires,
+                "expires_at": expires, "user_metadata": dict(user_metadata or {}),
                 "versions": {"losskit": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}}
 
     def _run_info(self, state) -> dict[str, Any]:
@@ -161,7 +179,8 @@ class Service:
                 "user_metadata": state.user_metadata}
 
     def save(self, session: Session, model_id: str, seq: int | None, body_hash: str, name: Any, *, kind: str,
-             overwrite: bool, ttl_seconds: float | None, encode: Encoder) -> Future:
+             overwrite: bool, ttl_seconds: float | None, encode: Encoder,
+             user_metadata: Mapping[str, Any] | None = None) -> Future:
         """SaveState (``kind="weights"``, with the optimizer) or SaveForSampler (``"sampler_weights"``)."""
         state = self.engine.model(session, model_id)
         cp = CheckpointPath(run_id_of(model_id), kind, check_name(name))
@@ -180,8 +199,8 @@ class Service:
 
                 def write():
                     self.state.ensure_run_info(cp.run_id, self._run_info(state))
-                    self.state.write(cp, snapshots.to_files(snapshot), self._meta(state, seq_id, ttl_seconds),
-                                     overwrite=overwrite)
+                    self.state.write(cp, snapshots.to_files(snapshot),
+                                     self._meta(state, seq_id, ttl_seconds, user_metadata), overwrite=overwrite)
                     return {"path": cp.uri}
 
                 return IOTask(write)
@@ -191,6 +210,19 @@ class Service:
         label = "save_state" if with_optimizer else "save_weights_for_sampler"
         return self.engine.submit(session, model_id, seq, body_hash, label, units, encode)
 
+    def snapshot(self, session: Session, model_id: str, seq: int | None, body_hash: str, encode: Encoder) -> Future:
+        """SaveForSampler into memory: in the model's seq order, a CPU copy of its adapter; the result is a
+        ``SnapshotSource`` for ``sample(snapshot=...)`` (the surface's encoder keeps it)."""
+        state = self.engine.model(session, model_id)
+
+        def units(handle, seq_id):
+            def snap():
+                taken = self.backend.snapshot(handle, with_optimizer=False)
+                return SnapshotSource(f"{model_id}@seq{seq_id}", state.base_name, f"{model_id}@seq{seq_id}", taken)
+
+            return single_unit(snap)
+
+        return self.engine.submit(session, model_id, seq, body_hash, "save_weights_for_sampler", units, encode)
     def _read_checkpoint(self, session: Session, path: Any, *, with_optimizer: bool):
         cp = parse_path(path)
         info = self.state.run_info(cp.run_id)
@@ -202,7 +234,18 @@ class Service:
         snap = snapshots.from_files(files, with_optimizer=with_optimizer, path=cp.uri)
         return cp, info, snap, meta
 
-    def load_new(self, session: Session, path: Any, model_id: str, *, optimizer: bool, encode: Encoder) -> Future:
+    def read_snapshot(self, session: Session, path: Any) -> SnapshotSource:
+        """A checkpoint (``weights`` or ``sampler_weights``) read and verified once, to sample from."""
+        cp, info, snap, meta = self._read_checkpoint(session, path, with_optimizer=False)
+        key = f"{cp.uri}@{meta['files'][snapshots.ADAPTER_WEIGHTS]}"  # a rewritten checkpoint gets a new key
+        return SnapshotSource(cp.uri, info["base_model"], key, snap)
+
+    def checkpoint_run(self, session: Session, path: Any) -> dict[str, Any]:
+        """The run record (base model, LoRA settings) of an existing checkpoint of this caller."""
+        return self._read_checkpoint(session, path, with_optimizer=False)[1]
+
+    def load_new(self, session: Session, path: Any, model_id: str, *, optimizer: bool, encode: Encoder,
+                 user_metadata: Mapping[str, Any] | None = None) -> Future:
         """Create a model from a checkpoint (create-via-load): the model's seq 0; its next seq is 1."""
         cp, info, snap, _ = self._read_checkpoint(session, path, with_optimizer=optimizer)
         lora = info.get("lora", {})
@@ -211,7 +254,7 @@ class Service:
         base = info["base_model"]
         base_info = self.engine.base_info(base)
         return self.engine.create_model(
-            session, model_id, base, spec, encode,
+            session, model_id, base, spec, encode, user_metadata=dict(user_metadata or {}),
             make=lambda: self.backend.load_new(model_id, base_info, spec, snap, with_optimizer=optimizer, path=cp.uri))
 
     def load_into(self, session: Session, model_id: str, seq: int | None, body_hash: str, path: Any, *,
@@ -230,13 +273,28 @@ class Service:
     # ---- sampling -----------------------------------------------------------------------------------------------
     def sample(self, session: Session, *, model_id: str | None, model_path: Any, base_model: str | None,
                seq: int | None, body_hash: str, prompt: list[int], num_samples: int, params: SamplingParams,
-               options: PromptOptions, encode: Encoder) -> Future:
-        """Sample from a training model's current weights (in its seq order), a checkpoint, or a base model."""
+               options: PromptOptions, encode: Encoder, snapshot: SnapshotSource | None = None,
+               lane: str | None = None) -> Future:
+        """Sample from a training model's current weights (in its seq order), a checkpoint, a snapshot held in
+        memory (on the sampler lane ``lane``), or a base model."""
         if model_id is not None:
             def units(handle, _seq):
                 return self.backend.sample(handle, prompt, num_samples, params, options)
 
             return self.engine.submit(session, model_id, seq, body_hash, "sample", units, encode)
+        if snapshot is not None:
+            info = self.engine.base_info(snapshot.base_model)
+            target = (info, snapshot.key, snapshot.snapshot, snapshot.label)
+            box: dict[str, Future] = {}
+
+            def held_units():
+                fut = box.get("future")
+                if fut is not None and fut.done:  # cancelled before it started
+                    return None
+                return (yield from self.backend.sample(target, prompt, num_samples, params, options))
+
+            box["future"] = self.engine.submit_sampler(session, lane or snapshot.key, "sample", held_units, encode)
+            return box["future"]
         if model_path is not None:
             cp = parse_path(model_path)
             _, info, snap, meta = self._read_checkpoint(session, cp.uri, with_optimizer=False)

@@ -114,7 +114,10 @@ def _flatten(value: Any, name: str, depth: int = 0) -> tuple[list, list[int]] | 
 
 
 def decode_tensor(value: Any, name: str) -> torch.Tensor:
-    """A rectangular tensor from tensor JSON or nested lists (or a scalar); 400 ``validation_error`` otherwise."""
+    """A rectangular tensor from tensor JSON or nested lists (or a scalar); 400 ``validation_error`` otherwise.
+    A torch tensor (already decoded by a binary surface) passes unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value
     if is_tensor_json(value):
         return _dict_tensor(value, name)
     if isinstance(value, (bool, int, float)):
