@@ -147,7 +147,7 @@ register(
         description="entropy H(q) of the distribution renormalised over the wrong answers (seed 000)",
     )
 )
-# Seed 003 (DynVision) temporal losses, spec/temporal.md §2-§4. ``energy_loss``/``activity_loss`` are hook-based:
+# Seed 003 (DynVision) temporal losses, docs/temporal.md. ``energy_loss``/``activity_loss`` are hook-based:
 # their one input is the recorded activation, so ``CombinedLoss`` passes them no tensors.
 register(
     LossSpec(

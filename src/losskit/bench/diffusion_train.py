@@ -59,7 +59,7 @@ class Result:
 
     @property
     def is_default(self) -> bool:
-        """The budget of §9 is about the default config only."""
+        """The time budget is about the default config only."""
         return not self.overrides
 
     def budget_met(self, budget_s: float = BUDGET_S) -> bool:

@@ -13,7 +13,7 @@ What they compute equals, in plain torch (the oracle the tests use, ``reference.
     entropy = -(lsm.exp() * lsm).sum(-1)
     ...and autograd for the gradients.
 
-Gradient modes (§4.1): *deferred* (``TokenStatsFunction``: the forward saves 9 fp32 row constants; the backward is
+Gradient modes: *deferred* (``TokenStatsFunction``: the forward saves 9 fp32 row constants; the backward is
 one pass that folds the upstream gradients of every field into per-row coefficients and writes G) and *eager*
 (``FusedTokenLossFunction``: G for an upstream of ``grad_scale`` is written in the forward; backward launches the
 guarded rescale, a no-op on the device when the upstream equals ``grad_scale``). With ``inplace`` G goes into the
@@ -103,7 +103,7 @@ def token_stats_bwd(
     inplace: bool,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """The one-pass backward (``_token_grad_kernel``) of §3.5 for upstream ``grads`` of the 8 float StatFields.
+    """The one-pass backward (``_token_grad_kernel``) for upstream ``grads`` of the 8 float StatFields.
 
     ``grads`` follow the float fields' order (lse, target_logit, nll, log1m_target_prob, support_mean_logit,
     entropy, wrong_entropy, support_gap); each is None (unused: its term is compiled out) or ``(n,)``-shaped, any
@@ -182,7 +182,7 @@ def _check_once_differentiable() -> None:
 
 
 class TokenStatsFunction(torch.autograd.Function):
-    """Deferred mode (§4.1): the forward streams the statistics and saves row constants; the backward is one pass.
+    """Deferred mode: the forward streams the statistics and saves row constants; the backward is one pass.
 
     ``apply(logits, prep, config, inplace)``; outputs: the float fields of ``TokenStats`` (``FLOAT_FIELDS`` order,
     the last being ``support_gap = a/K``), then argmax, correct, bad (non-differentiable).
@@ -225,7 +225,7 @@ class FusedOptions:
 
 
 class FusedTokenLossFunction(torch.autograd.Function):
-    """Eager mode (§4.1): G for an upstream of ``grad_scale`` is written in the forward.
+    """Eager mode: G for an upstream of ``grad_scale`` is written in the forward.
 
     ``apply(logits, token_weight, normalizer, options)`` with ``options`` a ``FusedOptions`` (or
     ``chunked.FusedOptions``); outputs: loss, token_loss, then the ``StatFields`` in order (all but the loss

@@ -1,7 +1,7 @@
 """Triton kernels of the ``triton`` implementation: device functions and ``@jit`` kernels.
 
 One program handles ``ROWS`` rows as a ``(ROWS, BLOCK_V)`` tile and walks the vocabulary in ``BLOCK_V``-wide tiles.
-The streaming state of §3.1 is kept per lane (``d``, ``s``, ``a`` and the argmax candidates are ``(ROWS, BLOCK_V)``
+The streaming state (m, d, s, a, argmax) is kept per lane (``d``, ``s``, ``a`` and the argmax candidates are ``(ROWS, BLOCK_V)``
 arrays; the running max ``m`` is one value per row shared by the lanes), so each lane sums only ``V / BLOCK_V``
 terms and the lanes are merged once per row at the end with plain sums. The target column is excluded from
 ``m``, ``d``, ``s`` and the argmax, and adds exactly 0 to ``a = Σ_{i∈A} (z_i − z_y)``.
@@ -18,7 +18,7 @@ implementation), per row inside the program:
 * ``_grad_rescale_kernel``: the guarded rescale of eager mode's backward (returns at once when the actual
   upstream equals the expected one).
 
-Device functions avoid libdevice (the interpreter has none): ``log1p`` is written out (§3.2), and the per-row
+Device functions avoid libdevice (the interpreter has none): ``log1p`` is written out, and the per-row
 exponentials ``p_y = e^{−sp₋}``, ``1 − p_y = e^{−sp₊}`` use a Cody–Waite split so that they keep full relative
 precision even when the result is subnormal. −∞ logits are clamped to ``NEG_LARGE`` (as in ``chunked``) so that
 every product ``e·(z − m)`` with ``e = 0`` is an exact 0; clamps are written with ``where`` so NaN propagates
@@ -154,7 +154,7 @@ def _sweep(x_ptr, xoff, live, y, zy, V, excl_ptr, BLOCK_V: tl.constexpr, ROWS: t
 
 @triton.jit
 def _finalize(m, d, s, a, sz, amax_val, amax_idx, zy, y, K):
-    """Closed forms of §3.2 (as ``rowmath.finalize``), without cancellation.
+    """The closed-form statistics (as ``rowmath.finalize``), without cancellation.
 
     ``δ = (z_y − m) − ln d`` (never a difference of two large rounded sums), ``sp± = softplus(±δ)``,
     ``lse = m + max(ln d, z_y − m) + log1p(e^{−|δ|})``, ``nll = sp₋``, ``ln(1 − p_y) = −sp₊``,
@@ -229,7 +229,7 @@ def _token_stats_kernel(
     const_ptr,
     BLOCK_V: tl.constexpr, ROWS: tl.constexpr, HAS_EXCL: tl.constexpr, WRITE_CONSTS: tl.constexpr,
 ):
-    """Pass 1: every statistic of §2.1 for ``ROWS`` rows, plus (``WRITE_CONSTS``) the backward's row constants
+    """Pass 1: every statistic of ``token_stats`` for ``ROWS`` rows, plus (``WRITE_CONSTS``) the backward's row constants
     ``const[k, r]`` (k = ``C_SHIFT`` … ``C_HQ``; 0 at invalid rows)."""
     pid = tl.program_id(0)
     r, rmask, valid, oob, y, xoff, zy = _load_rows(tgt_ptr, valid_ptr, oob_ptr, x_ptr, pid, n, T, sB, sT, ROWS)
@@ -306,7 +306,7 @@ def _token_grad_kernel(
     HAS_MEAN: tl.constexpr, HAS_H: tl.constexpr, HAS_HQ: tl.constexpr, HAS_AK: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr,
 ):
-    """Deferred backward (§3.5): upstream gradients of the fields → per-row coefficients → one pass writing G.
+    """Deferred backward: upstream gradients of the fields → per-row coefficients → one pass writing G.
 
     As ``rowmath.stats_grad_coefficients`` followed by ``rowmath.shifted_coefficients``; ``a/K`` (support mean
     − z_y) folds into ``g_mean`` and ``g_zy``. Unused fields are compile-time zeros.
@@ -377,7 +377,7 @@ def _fused_loss_kernel(
     BLOCK_V: tl.constexpr, ROWS: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_W: tl.constexpr,
     GS_PTR: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
 ):
-    """Eager mode (§4.1, §3.5): stats and per-token loss in pass 1, G for the upstream ``grad_scale`` in pass 2.
+    """Eager mode: stats and per-token loss in pass 1, G for the upstream ``grad_scale`` in pass 2.
 
     ``c_t = v_t·w_t·grad_scale/normalizer``; j ≠ y: ``G_j = c_t[(1 + 2λ·lse)·p_j − (ε_t/K_t)[j∈A]]``;
     ``G_y = c_t[ε_t − (1 − p_y) + 2λ·lse·p_y − (ε_t/K_t)[y∈A_t]]`` (as ``rowmath.fused_grad_coefficients``).
