@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import types
 
 import torch
 
@@ -28,7 +29,7 @@ from losskit.kernels.dispatch import resolve_impl
 from losskit.kernels.fields import StatFields, to_token_stats
 from losskit.kernels.prepare import Prepared, Smoothing, check_label_smoothing, prepare, prepare_smoothing
 
-__all__ = ["FUSED_REDUCTIONS", "GRAD_MODES", "Call", "describe", "fused", "parts", "stats"]
+__all__ = ["DEFAULTS", "FUSED_REDUCTIONS", "GRAD_MODES", "Call", "describe", "fused", "parts", "stats"]
 
 GRAD_MODES: tuple[str, ...] = ("auto", "forward", "backward")
 FUSED_REDUCTIONS: tuple[str, ...] = ("sum", "none")
@@ -123,27 +124,28 @@ def _check_inplace_grad(inplace_grad, logits: torch.Tensor) -> bool:
     return inplace_grad
 
 
-def describe(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    ignore_index: int | None = -100,
-    mask: torch.Tensor | None = None,
-    token_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    smoothing_convention: str = "torch",
-    smoothing_exclude=(),
-    hard_target_ids=None,
-    z_loss: float = 0.0,
-    normalizer=None,
-    reduction: str = "sum",
-    grad_mode: str = "auto",
-    grad_scale=1.0,
-    inplace_grad: bool = False,
-    impl: str = "auto",
-    chunk_bytes: int | None = None,
-) -> Call:
-    """Check every argument once and build the ``Call`` (``LossInputError`` naming the argument otherwise)."""
+#: Every option of a call and its default: the keyword arguments of ``kernels.fused_token_loss``.
+DEFAULTS = types.MappingProxyType(dict(
+    ignore_index=-100, mask=None, token_weight=None, label_smoothing=0.0, smoothing_convention="torch",
+    smoothing_exclude=(), hard_target_ids=None, z_loss=0.0, normalizer=None, reduction="sum", grad_mode="auto",
+    grad_scale=1.0, inplace_grad=False, impl="auto", chunk_bytes=None,
+))
+
+
+def describe(logits: torch.Tensor, target: torch.Tensor, **options) -> Call:
+    """Check every argument once and build the ``Call`` (``LossInputError`` naming the argument otherwise).
+
+    ``options`` are keyword arguments of ``DEFAULTS`` (the public functions pass theirs through).
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"describe() got unknown options {unknown}; known: {sorted(DEFAULTS)}")
+    o = {**DEFAULTS, **options}
+    ignore_index, mask, token_weight = o["ignore_index"], o["mask"], o["token_weight"]
+    label_smoothing, smoothing_convention = o["label_smoothing"], o["smoothing_convention"]
+    smoothing_exclude, hard_target_ids, z_loss = o["smoothing_exclude"], o["hard_target_ids"], o["z_loss"]
+    normalizer, reduction, grad_mode, grad_scale = o["normalizer"], o["reduction"], o["grad_mode"], o["grad_scale"]
+    inplace_grad, impl, chunk_bytes = o["inplace_grad"], o["impl"], o["chunk_bytes"]
     prep = prepare(logits, target, ignore_index=ignore_index, mask=mask, smoothing_exclude=smoothing_exclude,
                    token_weight=token_weight)
     resolved = resolve_impl(impl, logits)

@@ -15,31 +15,21 @@ from losskit.contract import TokenStats
 __all__ = ["StatFields", "to_token_stats"]
 
 
-@dataclasses.dataclass(frozen=True)
-class StatFields:
-    """The per-row outputs of one pass, flat ``(n,)``: the fields of ``TokenStats`` without ``valid``.
+def _outputs(self) -> tuple[torch.Tensor, ...]:
+    """The fields in declaration order (the outputs of the autograd Functions)."""
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
-    Float fields (``FLOATS``, the order of ``TokenStats.FLOAT_FIELDS``) are exactly 0 at invalid rows and NaN at
-    valid rows with an out-of-range target.
-    """
 
-    lse: torch.Tensor
-    target_logit: torch.Tensor
-    nll: torch.Tensor
-    log1m_target_prob: torch.Tensor
-    support_mean_logit: torch.Tensor
-    entropy: torch.Tensor
-    wrong_entropy: torch.Tensor
-    support_gap: torch.Tensor
-    argmax: torch.Tensor
-    correct: torch.Tensor
-    bad: torch.Tensor
-
-    FLOATS = TokenStats.FLOAT_FIELDS
-
-    def outputs(self) -> tuple[torch.Tensor, ...]:
-        """The fields in declaration order (the outputs of the autograd Functions)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+#: The per-row outputs of one pass, flat ``(n,)``: the fields of ``TokenStats`` without ``valid``, in its order
+#: (built from it, so the two cannot drift apart). Float fields (``FLOATS``, ``TokenStats.FLOAT_FIELDS``) are
+#: exactly 0 at invalid rows and NaN at valid rows with an out-of-range target; ``outputs()`` gives them all.
+StatFields = dataclasses.make_dataclass(
+    "StatFields",
+    [(f.name, f.type) for f in dataclasses.fields(TokenStats) if f.name != "valid"],
+    frozen=True,
+    namespace={"FLOATS": TokenStats.FLOAT_FIELDS, "outputs": _outputs},
+)
+StatFields.__module__ = __name__
 
 
 def to_token_stats(

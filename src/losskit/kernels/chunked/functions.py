@@ -12,8 +12,7 @@ import dataclasses
 
 import torch
 
-from losskit.contract import LossInputError
-from losskit.kernels import rowmath
+from losskit.kernels import eager, rowmath
 from losskit.kernels.chunked import sweeps
 from losskit.kernels.chunked.layout import Plan
 from losskit.kernels.fields import StatFields
@@ -22,10 +21,6 @@ from losskit.kernels.rowmath import RowStats
 
 __all__ = ["FusedOptions", "FusedTokenLossFunction", "TokenStatsFunction", "finish", "fused_token_terms"]
 
-_DOUBLE_BACKWARD_MESSAGE = (
-    'impl="chunked" computes a once-differentiable custom backward; double backward (create_graph=True) is '
-    'not supported. Use impl="torch" for higher-order gradients'
-)
 
 
 def finish(rs: RowStats, prep: Prepared) -> StatFields:
@@ -77,11 +72,6 @@ def _mask_coefficients(co: rowmath.GradCoefficients, valid: torch.Tensor) -> row
     return rowmath.GradCoefficients(m(co.alpha), m(co.beta), m(co.gamma), m(co.g_target))
 
 
-def _check_once_differentiable() -> None:
-    if torch.is_grad_enabled():
-        raise LossInputError(_DOUBLE_BACKWARD_MESSAGE)
-
-
 class TokenStatsFunction(torch.autograd.Function):
     """Deferred mode: forward streams the statistics and saves row constants; backward is one pass.
 
@@ -103,7 +93,7 @@ class TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_lse, g_zy, g_nll, g_l1m, g_mean, g_h, g_hq, g_gap, *_):
-        _check_once_differentiable()
+        eager.check_once_differentiable("chunked")
         (logits,) = ctx.saved_tensors
         prep: Prepared = ctx.prep
         valid = prep.valid
@@ -217,12 +207,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits)
         ctx.grad = out
         ctx.grad_scale = opts.grad_scale
-        ctx.has_weight_grad = token_weight is not None and ctx.needs_input_grad[1]
-        if ctx.has_weight_grad:
-            ctx.token_loss = token_loss
-            ctx.valid = valid
-            ctx.normalizer = normalizer
-            ctx.weight_meta = (token_weight.shape, token_weight.dtype)
+        eager.keep_for_weight_grad(ctx, token_weight, token_loss, valid, normalizer)
         outs = (token_loss, *f.outputs())
         ctx.mark_non_differentiable(*outs)
         return (loss, *outs)
@@ -230,15 +215,8 @@ class FusedTokenLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_loss, *_):
-        _check_once_differentiable()
-        grad = ctx.grad
-        if grad is None:
-            raise LossInputError(
-                'fused_token_loss(grad_mode="forward") wrote its gradient in the forward and released it at the '
-                'first backward; a second backward (retain_graph=True) needs fused_token_loss(grad_mode="backward") '
-                '(or impl="torch" for kernels.cross_entropy and the loss modules)'
-            )
-        ctx.grad = None
+        eager.check_once_differentiable("chunked")
+        grad = eager.take_grad(ctx)
         if g_loss is None:
             return None, None, None, None
         expected = _host_scalar(ctx.grad_scale)
@@ -252,11 +230,4 @@ class FusedTokenLossFunction(torch.autograd.Function):
                 ctx.grad_scale if isinstance(ctx.grad_scale, torch.Tensor) else torch.tensor(ctx.grad_scale)
             )
             grad.mul_((g_loss / scale.to(device=g_loss.device, dtype=g_loss.dtype)).to(grad.dtype))
-        g_w = None
-        if ctx.has_weight_grad:
-            zero = torch.zeros((), dtype=ctx.token_loss.dtype, device=ctx.token_loss.device)
-            g_w = torch.where(ctx.valid, ctx.token_loss * g_loss.to(ctx.token_loss.dtype), zero)
-            if ctx.normalizer is not None:
-                g_w = g_w / ctx.normalizer.to(g_w.dtype)
-            g_w = g_w.reshape(ctx.weight_meta[0]).to(ctx.weight_meta[1])
-        return (grad if ctx.needs_input_grad[0] else None), g_w, None, None
+        return (grad if ctx.needs_input_grad[0] else None), eager.weight_grad(ctx, g_loss), None, None

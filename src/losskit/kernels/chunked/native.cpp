@@ -302,48 +302,64 @@ const T* opt_ptr(const torch::Tensor& t) {
   return t.numel() ? t.data_ptr<T>() : nullptr;
 }
 
+// The eight per-row outputs of a stats sweep: m, d, s, a, S, max value, its index, z_y.
+struct StateOut {
+  torch::Tensor m, d, s, a, ssum, amax_val, amax_idx, zy;
+  StateOut(const torch::Tensor& logits, const torch::Tensor& target) {
+    const int64_t n = target.numel();
+    auto opts = target.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    m = torch::empty({n}, opts), d = torch::empty({n}, opts), s = torch::empty({n}, opts);
+    a = torch::empty({n}, opts), ssum = torch::empty({n}, opts), amax_val = torch::empty({n}, opts);
+    zy = torch::empty({n}, opts), amax_idx = torch::empty({n}, target.options());
+  }
+  std::vector<torch::Tensor> tensors() const { return {m, d, s, a, ssum, amax_val, amax_idx, zy}; }
+};
+
+// Raw pointers into a StateOut for one dtype; `put` stores a row's state, `clear` an ignored row's zeros.
+template <typename acc_t>
+struct StateRows {
+  acc_t *m, *d, *s, *a, *ssum, *amax_val, *zy;
+  int64_t* amax_idx;
+  explicit StateRows(StateOut& o)
+      : m(o.m.data_ptr<acc_t>()), d(o.d.data_ptr<acc_t>()), s(o.s.data_ptr<acc_t>()), a(o.a.data_ptr<acc_t>()),
+        ssum(o.ssum.data_ptr<acc_t>()), amax_val(o.amax_val.data_ptr<acc_t>()), zy(o.zy.data_ptr<acc_t>()),
+        amax_idx(o.amax_idx.data_ptr<int64_t>()) {}
+  void put(int64_t r, const RowState<acc_t>& st) const {
+    m[r] = st.m, d[r] = st.d, s[r] = st.s, a[r] = st.a, ssum[r] = st.ssum, amax_val[r] = st.amax_val;
+    amax_idx[r] = st.amax_idx, zy[r] = st.zy;
+  }
+  void clear(int64_t r) const {
+    m[r] = d[r] = s[r] = a[r] = ssum[r] = amax_val[r] = zy[r] = 0;
+    amax_idx[r] = 0;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 
 // stats(logits (B,T,V), target (n,) int64 clamped, valid (n,) bool, ind (V,) float32 or empty, K) -> 8 tensors
 std::vector<torch::Tensor> stats(torch::Tensor logits, torch::Tensor target, torch::Tensor valid, torch::Tensor ind,
                                  double num_support) {
   const int64_t n = target.numel();
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = target.options().dtype(acc);
-  auto m = torch::empty({n}, opts), d = torch::empty({n}, opts), s = torch::empty({n}, opts);
-  auto a = torch::empty({n}, opts), ssum = torch::empty({n}, opts), amax_val = torch::empty({n}, opts);
-  auto zy = torch::empty({n}, opts);
-  auto amax_idx = torch::empty({n}, target.options());
+  StateOut out(logits, target);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "losskit_stats", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto rows = rows_of<scalar_t>(logits);
     const int64_t* tgt = target.data_ptr<int64_t>();
     const bool* ok = valid.data_ptr<bool>();
     const float* indp = opt_ptr<float>(ind);
-    acc_t *pm = m.data_ptr<acc_t>(), *pd = d.data_ptr<acc_t>(), *ps = s.data_ptr<acc_t>(), *pa = a.data_ptr<acc_t>();
-    acc_t *psum = ssum.data_ptr<acc_t>(), *pval = amax_val.data_ptr<acc_t>(), *pzy = zy.data_ptr<acc_t>();
-    int64_t* pidx = amax_idx.data_ptr<int64_t>();
+    const StateRows<acc_t> put(out);
     at::parallel_for(0, n, grain_rows(rows.v), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(kBlock);
       for (int64_t r = r0; r < r1; ++r) {
         if (!ok[r]) {  // never read: an ignored row may hold anything; its statistics are masked to 0
-          pm[r] = pd[r] = ps[r] = pa[r] = psum[r] = pval[r] = pzy[r] = 0;
-          pidx[r] = 0;
+          put.clear(r);
           continue;
         }
-        const auto st = row_state<scalar_t, acc_t>(rows.row(r), rows.v, tgt[r], indp, num_support, buf.data());
-        pm[r] = st.m;
-        pd[r] = st.d;
-        ps[r] = st.s;
-        pa[r] = st.a;
-        psum[r] = st.ssum;
-        pval[r] = st.amax_val;
-        pidx[r] = st.amax_idx;
-        pzy[r] = st.zy;
+        put.put(r, row_state<scalar_t, acc_t>(rows.row(r), rows.v, tgt[r], indp, num_support, buf.data()));
       }
     });
   });
-  return {m, d, s, a, ssum, amax_val, amax_idx, zy};
+  return out.tensors();
 }
 
 // grad(logits, out, target, valid, shift, scale, beta|empty, gamma|empty, g_target, ind|empty): G into out.
@@ -385,12 +401,7 @@ std::vector<torch::Tensor> fused_eager(torch::Tensor logits, torch::Tensor out, 
                                        torch::Tensor eps_over_kt, torch::Tensor target_in_at, double z_loss,
                                        torch::Tensor ind, double num_support) {
   const int64_t n = target.numel();
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = target.options().dtype(acc);
-  auto m = torch::empty({n}, opts), d = torch::empty({n}, opts), s = torch::empty({n}, opts);
-  auto a = torch::empty({n}, opts), ssum = torch::empty({n}, opts), amax_val = torch::empty({n}, opts);
-  auto zy = torch::empty({n}, opts);
-  auto amax_idx = torch::empty({n}, target.options());
+  StateOut state(logits, target);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "losskit_fused_eager", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto rows = rows_of<scalar_t>(logits);
@@ -402,31 +413,21 @@ std::vector<torch::Tensor> fused_eager(torch::Tensor logits, torch::Tensor out, 
     const acc_t* pe = opt_ptr<acc_t>(eps_t);
     const acc_t* pek = opt_ptr<acc_t>(eps_over_kt);
     const acc_t* pat = opt_ptr<acc_t>(target_in_at);
-    acc_t *pm = m.data_ptr<acc_t>(), *pd = d.data_ptr<acc_t>(), *ps = s.data_ptr<acc_t>(), *pa = a.data_ptr<acc_t>();
-    acc_t *psum = ssum.data_ptr<acc_t>(), *pval = amax_val.data_ptr<acc_t>(), *pzy = zy.data_ptr<acc_t>();
-    int64_t* pidx = amax_idx.data_ptr<int64_t>();
+    const StateRows<acc_t> put(state);
     const acc_t lam = static_cast<acc_t>(z_loss);
     at::parallel_for(0, n, grain_rows(rows.v), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(kBlock), gbuf(kBlock);
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* dst = outs.row(r);
         if (!ok[r]) {
-          pm[r] = pd[r] = ps[r] = pa[r] = psum[r] = pval[r] = pzy[r] = 0;
-          pidx[r] = 0;
+          put.clear(r);
           std::fill(dst, dst + rows.v, static_cast<scalar_t>(0));
           continue;
         }
         const scalar_t* src = rows.row(r);
         const int64_t y = tgt[r];
         const auto st = row_state<scalar_t, acc_t>(src, rows.v, y, indp, num_support, buf.data());
-        pm[r] = st.m;
-        pd[r] = st.d;
-        ps[r] = st.s;
-        pa[r] = st.a;
-        psum[r] = st.ssum;
-        pval[r] = st.amax_val;
-        pidx[r] = st.amax_idx;
-        pzy[r] = st.zy;
+        put.put(r, st);
         // closed forms of the row (rowmath.finalize): delta = -((m - z_y) + ln d), lse, p_y, 1 - p_y
         const acc_t log_d = std::log(st.d);
         const acc_t delta = -((st.m - st.zy) + log_d);
@@ -450,7 +451,7 @@ std::vector<torch::Tensor> fused_eager(torch::Tensor logits, torch::Tensor out, 
       }
     });
   });
-  return {m, d, s, a, ssum, amax_val, amax_idx, zy};
+  return state.tensors();
 }
 
 }  // namespace

@@ -27,7 +27,8 @@ import dataclasses
 import torch
 
 from losskit.contract import LossInputError
-from losskit.kernels.chunked import StatFields
+from losskit.kernels import eager
+from losskit.kernels.fields import StatFields
 from losskit.kernels.prepare import Prepared, Smoothing
 from losskit.kernels.triton import ops
 from losskit.kernels.triton.launch import LaunchConfig, check_logits, default_config, exclusion_bitmask
@@ -43,15 +44,6 @@ __all__ = [
     "token_stats_fwd",
 ]
 
-_DOUBLE_BACKWARD_MESSAGE = (
-    'impl="triton" computes a once-differentiable custom backward; double backward (create_graph=True) is not '
-    'supported. Use impl="torch" for higher-order gradients'
-)
-_SECOND_EAGER_BACKWARD_MESSAGE = (
-    'fused_token_loss(grad_mode="forward") wrote its gradient in the forward and released it at the first '
-    'backward; a second backward (retain_graph=True) needs fused_token_loss(grad_mode="backward") (or '
-    'impl="torch" for kernels.cross_entropy and the loss modules)'
-)
 
 
 def resolve_config(config: LaunchConfig | None, logits: torch.Tensor) -> LaunchConfig:
@@ -176,11 +168,6 @@ def _outputs(f: StatFields) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(f, fld.name) for fld in dataclasses.fields(f))
 
 
-def _check_once_differentiable() -> None:
-    if torch.is_grad_enabled():
-        raise LossInputError(_DOUBLE_BACKWARD_MESSAGE)
-
-
 class TokenStatsFunction(torch.autograd.Function):
     """Deferred mode: the forward streams the statistics and saves row constants; the backward is one pass.
 
@@ -201,7 +188,7 @@ class TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, *grads):
-        _check_once_differentiable()
+        eager.check_once_differentiable("triton")
         logits, consts = ctx.saved_tensors
         if all(g is None for g in grads[:8]):
             return None, None, None, None
@@ -245,12 +232,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
         ctx.grad = grad
         ctx.grad_scale = opts.grad_scale
         ctx.cfg = cfg
-        ctx.has_weight_grad = token_weight is not None and ctx.needs_input_grad[1]
-        if ctx.has_weight_grad:
-            ctx.token_loss = token_loss
-            ctx.valid = prep.valid
-            ctx.normalizer = normalizer
-            ctx.weight_meta = (token_weight.shape, token_weight.dtype)
+        eager.keep_for_weight_grad(ctx, token_weight, token_loss, prep.valid, normalizer)
         outs = (token_loss, *_outputs(f))
         ctx.mark_non_differentiable(*outs)
         return (loss, *outs)
@@ -258,20 +240,10 @@ class FusedTokenLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_loss, *_):
-        _check_once_differentiable()
-        grad = ctx.grad
-        if grad is None:
-            raise LossInputError(_SECOND_EAGER_BACKWARD_MESSAGE)
-        ctx.grad = None
+        eager.check_once_differentiable("triton")
+        grad = eager.take_grad(ctx)
         if g_loss is None:
             return None, None, None, None
         if ctx.needs_input_grad[0]:
             fused_loss_bwd(grad, g_loss, ctx.grad_scale, ctx.cfg)
-        g_w = None
-        if ctx.has_weight_grad:
-            zero = torch.zeros((), dtype=ctx.token_loss.dtype, device=ctx.token_loss.device)
-            g_w = torch.where(ctx.valid, ctx.token_loss * g_loss.to(ctx.token_loss.dtype), zero)
-            if ctx.normalizer is not None:
-                g_w = g_w / ctx.normalizer.to(g_w.dtype)
-            g_w = g_w.reshape(ctx.weight_meta[0]).to(ctx.weight_meta[1])
-        return (grad if ctx.needs_input_grad[0] else None), g_w, None, None
+        return (grad if ctx.needs_input_grad[0] else None), eager.weight_grad(ctx, g_loss), None, None
