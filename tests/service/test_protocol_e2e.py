@@ -219,7 +219,7 @@ def test_every_error_reply_is_json_with_error_and_category(server, http):
 def test_health_info_and_metrics(server, http):
     assert http.get("/healthz").json()["status"] == "ok"
     info = http.get("/v1/info").json()
-    assert info["surfaces"] == ["native"] and info["allowlist_version"] == "1"
+    assert info["surfaces"] == ["native", "tinker"] and info["allowlist_version"] == "1"
     assert info["models"][0]["model_name"] == "losskit/tiny-lm" and info["models"][0]["max_context_length"] == 1024
     text = http.get("/metrics").text
     assert "losskit_requests_total" in text and "losskit_request_seconds_bucket" in text

@@ -199,7 +199,8 @@ def create_app(service: Service) -> Gate:
     def info():
         return {
             "version": __version__,
-            "surfaces": ["native"] if settings.native_surface else [],
+            "surfaces": [name for name, on in (("native", settings.native_surface),
+                                                ("tinker", settings.tinker_surface)) if on],
             "models": service.supported_models(),
             "default_base_model": settings.default_base_model,
             "device": str(service.backend.device),
@@ -219,6 +220,11 @@ def create_app(service: Service) -> Gate:
         app.include_router(make_router(service))
 
     limits = {"application/json": int(min(settings.max_json_mb, settings.max_request_mb) * 2**20)}
+    if settings.tinker_surface:
+        from losskit.service import tinker_routes, tinker_wire
+
+        app.include_router(tinker_routes.make_router(service))
+        limits[tinker_wire.PROTOBUF] = int(settings.max_request_mb * 2**20)
     gate = Gate(app, auth=Auth(settings.api_keys), metrics=metrics, body_limits=limits, json_mode=settings.log_json)
     gate.fastapi = app
     return gate

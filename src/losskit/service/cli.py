@@ -42,7 +42,9 @@ def check_configuration(settings: ServeSettings) -> str | None:
 
 
 def banner(settings: ServeSettings, url: str, sdk: str, device: str) -> str:
-    surfaces = "native (/v1, /list_loss_functions, /register_custom_loss)" if settings.native_surface else "none"
+    parts = [("native (/v1, /list_loss_functions, /register_custom_loss)", settings.native_surface),
+             ("tinker (/api/v1, the official tinker SDK)", settings.tinker_surface)]
+    surfaces = ", ".join(name for name, on in parts if on) or "none"
     auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "none (no API key configured)"
     pickled = settings.allow_pickled_code and bool(settings.api_keys)
     lines = [
