@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from losskit.config import build_train_config
 from losskit.contract import ConfigError
 from losskit.functional import diffusion as D
 from losskit.train.diffusion import DiffusionMLP, run
 from losskit.train.sinks import read_metrics
+from losskit.train.tasks import build_train_config
 
 TINY = {"model_width": 32, "model_depth": 1, "sample_steps": 5, "batch_size": 32}
 

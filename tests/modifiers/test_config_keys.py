@@ -23,7 +23,7 @@ from losskit.modifiers import (
     create_loss_modifier_pipeline,
     validate_modifier_config,
 )
-from losskit.modifiers.config_keys import is_modifier_shaped
+from losskit.modifiers.config_keys import is_modifier_shaped, parse_modifier_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -88,6 +88,11 @@ def test_special_tokens_bad_values_name_the_key(value):
         ("entropy_modifier_weight", "3", 3.0), ("target_smoothing_padding_token", "-100", -100),
         ("target_smoothing_padding_token", 0, 0), ("target_smoothing_convention", "fairseq", "fairseq"),
         ("snr_clamp_max", "None", None), ("snr_clamp_max", "5", 5.0),
+        # the spellings the trainer's config files use too: one coercer for the library, files and the command line
+        ("target_smoothing_padding_token", 7.0, 7), ("target_smoothing_padding_token", " 12 ", 12),
+        ("snr_clamp_max", "none", None), ("snr_clamp_max", "null", None), ("snr_clamp_max", "", None),
+        ("snr_clamp_max", None, None), ("snr_clamp_min", 2, 2.0), ("loss_modifiers_enabled", " TRUE ", True),
+        ("target_smoothing_special_tokens", [3.0, 4], [3, 4]),
     ],
 )
 def test_declared_type_coercion(key, value, expected):
@@ -342,3 +347,23 @@ def test_snr_domain_checks_happen_at_parse_time():
         parse_modifier_config({"loss_weighting": "min_snr", "loss_weighting_differentiable_weights": True})
     with pytest.raises(ConfigError, match="snr_clamp_min must be <= snr_clamp_max"):
         parse_modifier_config({"snr_clamp_min": 2.0, "snr_clamp_max": 1.0})
+
+
+@pytest.mark.parametrize(("key", "value"), [("target_smoothing_padding_token", 7.5),
+                                            ("target_smoothing_padding_token", "7.0"),
+                                            ("snr_clamp_max", "nan"), ("entropy_modifier_weight", "null"),
+                                            ("loss_modifiers_enabled", 2)])
+def test_spellings_that_stay_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        coerce_value(key, value)
+
+
+def test_the_dict_api_and_the_command_line_parse_a_value_alike():
+    from losskit.config import coerce
+
+    for key, spellings in {"target_smoothing_padding_token": (5, 5.0, "5"), "snr_clamp_max": (None, "null", "None"),
+                           "entropy_modifier_weight": (2, 2.0, "2", "2.0")}.items():
+        spec = MODIFIER_CONFIG_KEYS[key]
+        typed = {repr(coerce(key, v, spec.type)) for v in spellings}
+        parsed = {repr(parse_modifier_config({key: v}, warn=False).flat()[key]) for v in spellings}
+        assert len(typed) == 1 and typed == parsed, (key, typed, parsed)

@@ -12,9 +12,10 @@ import matplotlib.image
 import pytest
 import yaml
 
-from losskit.config import build_train_config, load_config
+from losskit.config import load_config
 from losskit.contract import ConfigError
 from losskit.train import cli as train_cli
+from losskit.train.tasks import build_train_config
 from losskit.train.temporal import (
     DEFAULT_CRITERION,
     EpochRow,

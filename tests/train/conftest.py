@@ -10,7 +10,8 @@ TINY = [
 
 def _tiny_config(tmp_path, *extra: str, iters: int = 4):
     """An lm config for a few-iteration run in ``tmp_path/run``."""
-    from losskit.config import build_train_config, load_config
+    from losskit.config import load_config
+    from losskit.train.tasks import build_train_config
 
     return build_train_config(load_config([*TINY, f"--max_iters={iters}", f"--out_dir={tmp_path / 'run'}", *extra]))
 

@@ -13,7 +13,8 @@ from losskit.train.export import load_run_model
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from losskit.config import build_train_config, load_config
+    from losskit.config import load_config
+    from losskit.train.tasks import build_train_config
 
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=4", "--eval_iters=2",
             "--log_interval=1", "--device=cpu"]
@@ -103,13 +104,24 @@ def test_export_tinker_path_says_the_service_is_not_included(tmp_path, capsys):
 
 
 def test_sample(run_dir, capsys):
-    assert losskit(["sample", str(run_dir), "--prompt", "The ", "--max_new_tokens", "12", "--temperature", "0"]) == 0
-    text = capsys.readouterr().out
-    from losskit.train.sample import generate_ids
+    from losskit.train.sample import generate_ids, sample_text
+    from losskit.train.tokenizer import EOS_ID, decode
 
+    argv = ["sample", str(run_dir), "--prompt", "The ", "--max_new_tokens", "12", "--temperature", "0"]
+    assert losskit(argv) == 0
+    first = capsys.readouterr().out
+    assert losskit([*argv, "--seed", "7"]) == 0  # greedy: the same text again, whatever the seed
+    assert capsys.readouterr().out == first
     ids = generate_ids(str(run_dir), "The ", max_new_tokens=12, temperature=0)
-    assert text.startswith("The ") and 1 <= len(ids) <= 12
+    continuation = decode(ids)
+    assert continuation.strip()  # something was generated, not only the prompt
+    assert len(ids) == 12 or ids[-1] == EOS_ID
+    assert first == "The " + continuation + "\n" == sample_text(str(run_dir), "The ", max_new_tokens=12,
+                                                               temperature=0) + "\n"
     assert generate_ids(str(run_dir), "The ", max_new_tokens=0) == []
+    # sampling at a temperature is reproducible from its seed
+    assert generate_ids(str(run_dir), "The ", max_new_tokens=8, temperature=1.0, seed=3) == \
+        generate_ids(str(run_dir), "The ", max_new_tokens=8, temperature=1.0, seed=3)
 
 
 @pytest.mark.parametrize("args,message", [

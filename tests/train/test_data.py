@@ -14,7 +14,7 @@ from losskit.train.data import (
     make_sequences,
     user_documents,
 )
-from losskit.train.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from losskit.train.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode
 
 
 def test_embedded_corpus_is_pydoc_topics():
@@ -86,7 +86,9 @@ def test_custom_text_without_data_reads_data_custom_text(tmp_path, monkeypatch):
     (tmp_path / "data" / "custom_text").mkdir(parents=True)
     (tmp_path / "data" / "custom_text" / "input.txt").write_text("\n\n".join("some text " * 50 for _ in range(30)))
     d = load_lm_data(dataset="custom_text", data=None, block_size=32, vocab_size=264)
-    assert len(d.train) > 0 and len(d.val) > 0
+    assert len(d.train) > 0 and len(d.val) > 0 and d.source == "data/custom_text"
+    assert all(name.startswith("input.txt") for name in d.train.documents + d.val.documents)
+    assert decode(d.train.x[0].tolist()).startswith("some text")  # the user's text, not the embedded corpus
 
 
 def test_batch_sampler_ranks_partition_the_global_batch():

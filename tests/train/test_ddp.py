@@ -12,9 +12,9 @@ CONFIG = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size
 
 def _step(rank: int, world: int, micro: int):
     """One optimizer step's loss and gradients on this rank (the trainer's forward_backward)."""
-    from losskit.config import build_train_config
     from losskit.train import lm
     from losskit.train.data import BatchSampler, load_lm_data
+    from losskit.train.tasks import build_train_config
 
     cfg = build_train_config(CONFIG)
     torch.manual_seed(0)

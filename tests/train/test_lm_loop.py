@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from losskit.contract import LossInputError
 from losskit.train import lm
@@ -31,14 +32,71 @@ def test_tiny_run_writes_run_dir_and_resumes(tmp_path, tiny_config):
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
+class FusedLoss:
+    """The trainer with no pipeline: the fused kernel with the step's normaliser, called directly."""
+
+    padding_token = None
+
+    def __call__(self, logits, targets, step_counts):
+        from losskit.functional.reduce import normalizer
+        from losskit.kernels import fused_token_loss
+
+        denom = normalizer(targets != -100, normalize="global_tokens", step_counts=step_counts)
+        out = fused_token_loss(logits, targets, ignore_index=-100, normalizer=denom, reduction="sum",
+                               inplace_grad=True)
+        return out.loss, out.loss.detach(), out.stats.bad.any()
+
+    def metrics(self):
+        return {}
+
+
+class TorchLoss:
+    """Plain ``F.cross_entropy`` training, the oracle: the token mean over this (single) micro-batch."""
+
+    padding_token = None
+
+    def __call__(self, logits, targets, step_counts):
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = total / (targets != -100).sum().clamp_min(1)
+        return loss, loss.detach(), (~torch.isfinite(logits)).any()
+
+    def metrics(self):
+        return {}
+
+
+def _train_losses(summary):
+    return [r["train/loss"] for r in summary["history"] if "train/loss" in r]
+
+
 @pytest.mark.slow
 def test_twenty_step_run_without_modifier_keys_equals_the_trainer_without_pipeline(tmp_path, tiny_config):
-    # spec/modifiers.md acceptance 17: bitwise-identical losses
+    # spec/modifiers.md acceptance 17: bitwise-identical losses to the kernel called without a pipeline
     a = lm.run(tiny_config(tmp_path / "a", iters=20), progress=False)
-    b = lm.run(tiny_config(tmp_path / "b", iters=20), use_pipeline=False, progress=False)
-    la = [r["train/loss"] for r in a["history"] if "train/loss" in r]
-    lb = [r["train/loss"] for r in b["history"] if "train/loss" in r]
-    assert len(la) == 20 and la == lb
+    b = lm.run(tiny_config(tmp_path / "b", iters=20), loss_fn=FusedLoss(), progress=False)
+    assert len(_train_losses(a)) == 20 and _train_losses(a) == _train_losses(b)
+
+
+@pytest.mark.filterwarnings("ignore:loss_modifiers_enabled=True but no loss modifier is enabled")
+@pytest.mark.parametrize("off", [[], ["--loss_modifiers_enabled=False", "--entropy_modifier_enabled=False"],
+                                 ["--loss_modifiers_enabled=True"]], ids=["no keys", "off", "nothing enabled"])
+def test_the_pipeline_off_path_trains_like_plain_cross_entropy(tmp_path, tiny_config, off):
+    """The trainer's loss path without modifiers against ``F.cross_entropy`` training: same losses, step by step."""
+    a = lm.run(tiny_config(tmp_path / "a", *off, iters=5), progress=False)
+    b = lm.run(tiny_config(tmp_path / "b", iters=5), loss_fn=TorchLoss(), progress=False)
+    assert len(_train_losses(a)) == 5
+    assert _train_losses(a) == pytest.approx(_train_losses(b), rel=1e-5)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert _train_losses(a)[-1] < _train_losses(a)[0]  # it trains
+
+
+def test_a_wrong_loss_path_is_caught(tmp_path, tiny_config):
+    """Negative control of the comparison above: label smoothing 0.1 is a different loss, and its tolerance sees it
+    (near the uniform start the two losses differ by about 2e-4 relative)."""
+    a = lm.run(tiny_config(tmp_path / "a", "--loss_modifiers_enabled=True", "--target_smoothing_enabled=True",
+                           iters=2), progress=False)
+    b = lm.run(tiny_config(tmp_path / "b", iters=2), loss_fn=TorchLoss(), progress=False)
+    assert _train_losses(a) != pytest.approx(_train_losses(b), rel=1e-5)
+    assert _train_losses(a)[0] != pytest.approx(_train_losses(b)[0], rel=1e-5)
 
 
 def test_val_loss_is_plain_ce_and_raw_loss_matches_the_modifier_free_run(tmp_path, tiny_config):
@@ -152,7 +210,7 @@ def test_accumulation_global_tokens_equals_one_big_batch(tmp_path, tiny_config):
 
 
 def test_lr_schedule():
-    from losskit.config import build_train_config
+    from losskit.train.tasks import build_train_config
 
     c = build_train_config({"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10, "max_iters": 110})
     assert lm.get_lr(0, c) == pytest.approx(1 / 11)
@@ -162,9 +220,11 @@ def test_lr_schedule():
 
 
 def test_metrics_jsonl_rows_are_json(tmp_path, tiny_config):
-    lm.run(tiny_config(tmp_path, iters=2), progress=False)
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        assert isinstance(json.loads(line)["step"], int)
+    s = lm.run(tiny_config(tmp_path, iters=2), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["step"], int) and all(isinstance(v, (int, float)) for v in r.values()) for r in rows)
+    assert [(r["step"], "val/loss" in r) for r in rows] == [(0, True), (1, False), (2, False), (2, True)]
+    assert rows == [{"step": h["step"], **{k: v for k, v in h.items() if k != "step"}} for h in s["history"]]
 
 
 def test_pinned_short_run_trajectory(tmp_path, tiny_config):
@@ -179,7 +239,7 @@ def test_pinned_short_run_trajectory(tmp_path, tiny_config):
 @pytest.mark.slow
 def test_default_config_beats_the_unigram_baseline_quickly(tmp_path):
     """The default model and data with a reduced max_iters: val loss drops below the unigram baseline."""
-    from losskit.config import build_train_config
+    from losskit.train.tasks import build_train_config
 
     cfg = build_train_config({"out_dir": str(tmp_path / "run"), "max_iters": 40, "eval_interval": 40,
                               "eval_iters": 4, "log_interval": 20, "device": "cpu"})

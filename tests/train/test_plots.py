@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from losskit.cli import main as losskit
-from losskit.config import build_train_config
 from losskit.contract import ConfigError
 from losskit.train import plot
-from losskit.train.tasks import run_task
+from losskit.train.tasks import build_train_config, run_task
 
 TINY_DIFFUSION = {"task": "diffusion", "model_width": 32, "model_depth": 1, "sample_steps": 5, "batch_size": 32,
                   "max_iters": 20, "log_interval": 5, "eval_interval": 10, "loss_weighting": "min_snr",

@@ -89,8 +89,9 @@ def test_explicit_out_dir_is_exactly_that_and_never_replaced(in_tmp, tiny_argv, 
     assert (run / "ckpt.pt").is_file() and not (in_tmp / "out").exists()
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
-    for extra in ([], ["--task=diffusion"], ["--task=temporal"]):
-        assert main([*tiny_argv, "--max_iters=1", f"--out_dir={run}", *extra]) == 2
+    # each task with keys of its own (the lm keys of tiny_argv are not the other tasks')
+    for argv in ([*tiny_argv, "--max_iters=1"], ["--task=diffusion", "--max_iters=1"], ["--task=temporal"]):
+        assert main([*argv, f"--out_dir={run}"]) == 2
         err = capsys.readouterr().err
         assert f"out_dir={str(run)!r} already holds a run" in err and "--init_from=resume" in err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
@@ -138,9 +139,11 @@ def test_make_clean_removes_what_the_makefile_creates(tmp_path):
     assert all((tmp_path / f).read_text() == "keep" for f in kept)
 
 
-def test_compare_defaults_to_a_new_numbered_directory(tmp_path, tiny_argv, monkeypatch):
+def test_compare_defaults_to_a_new_numbered_directory(tmp_path, tiny_argv, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for n in (1, 2):
         assert losskit(["compare", *tiny_argv, "--max_iters=1", "--variant", "a"]) == 0
         assert (tmp_path / "out" / "compare" / f"run-{n}" / "a" / "metrics.jsonl").is_file()
     assert losskit(["compare", "--variant", "a:task=temporal", "--variant", "b"]) == 2
+    assert "--variant runs must share one task" in capsys.readouterr().err
+    assert rundir.run_numbers(tmp_path / "out" / "compare") == [1, 2]  # refused before claiming a directory

@@ -232,7 +232,7 @@ def test_read_metrics_without_a_run_dir(tmp_path):
 
 
 def _cfg(out_dir, **kw):
-    from losskit.config import build_train_config
+    from losskit.train.tasks import build_train_config
 
     return build_train_config({"out_dir": str(out_dir), **kw})
 

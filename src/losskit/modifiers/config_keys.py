@@ -60,7 +60,8 @@ class KeySpec:
 
     Attributes:
         name: the flat key, e.g. ``"entropy_modifier_weight"``.
-        type: one of ``"bool"``, ``"float"``, ``"int"``, ``"str"``, ``"list[int]"``, ``"float|None"``.
+        type: ``"bool"``, ``"float"``, ``"int"``, ``"str"``, ``"list[int]"`` or ``"list"`` (YAML), optionally
+            ending in ``"|None"``.
         default: the value used when the key is absent.
         help: one line: what the key means (shown by ``losskit modifiers``).
         constraint: human-readable range, used in error messages (``"> 0"``, ``"in [0, 1)"``), or ``""``.
@@ -203,6 +204,10 @@ def _type_error(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
+#: How a missing value is spelled on the command line (and in a file) for a type ending in ``|None``.
+_NONE_SPELLINGS = ("None", "none", "null", "")
+
+
 def coerce_bool(key: str, value: Any) -> bool:
     """``True``/``False``, the ints 1/0, or the strings ``true/false/1/0`` (any case, surrounding spaces ignored).
 
@@ -220,10 +225,25 @@ def coerce_bool(key: str, value: Any) -> bool:
     raise _type_error(key, "a bool (True/False/true/false/1/0)", value)
 
 
+def _yaml_list(key: str, value: Any) -> list:
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key} must be a list (YAML/JSON syntax), got {value!r}: {exc}") from None
+    if not isinstance(value, list):
+        raise _type_error(key, "a list", value)
+    return value
+
+
 def _to_int(key: str, item: Any, expected: str, whole: Any) -> int:
     if isinstance(item, bool):
         raise _type_error(key, expected, whole)
     if isinstance(item, int):
+        return int(item)
+    if isinstance(item, float) and item.is_integer():  # 3.0 written in a config file
         return int(item)
     if isinstance(item, str):
         try:
@@ -236,33 +256,37 @@ def _to_int(key: str, item: Any, expected: str, whole: Any) -> int:
 def coerce_value(key: str, value: Any, spec: KeySpec | None = None) -> Any:
     """Convert ``value`` to the declared type of ``key`` and check its range.
 
-    bool accepts ``True/False/true/false/1/0``; float accepts ints and numeric strings; list[int] accepts a list
-    or tuple of ints, a single int, or a string ``"0,1,2"``, ``"[0, 1, 2]"``, ``"65"`` or ``""``.
+    The one set of spellings for config files (Python/YAML objects) and the command line (strings): bool accepts
+    ``True/False``, the ints 1/0 and ``true/false/1/0`` in any case; int accepts ints, integral floats (``3.0``)
+    and integer strings; float accepts ints, floats and numeric strings (not NaN); list[int] accepts a list or
+    tuple of ints, a single int, or a string ``"0,1,2"``, ``"[0, 1, 2]"``, ``"65"`` or ``""``; a type ending in
+    ``|None`` also accepts ``None`` and the strings ``None``, ``none``, ``null`` and ``""``.
 
     Raises:
         ConfigError: naming the key, the expected type or range, and the value, e.g.
             ``"target_smoothing_factor must be in [0, 1), got 1.0"``.
     """
     spec = spec or MODIFIER_CONFIG_KEYS[key]
-    t = spec.type
+    t, optional = (spec.type[: -len("|None")], True) if spec.type.endswith("|None") else (spec.type, False)
+    if optional and (value is None or (isinstance(value, str) and value.strip() in _NONE_SPELLINGS)):
+        return None
     out: Any
     if t == "bool":
         out = coerce_bool(key, value)
-    elif t in ("float", "float|None"):
-        if t == "float|None" and (value is None or (isinstance(value, str) and value.strip() in ("None", ""))):
-            out = None
-        elif isinstance(value, bool):
-            raise _type_error(key, "a float", value)
+    elif t == "float":
+        or_none = " or None" if optional else ""
+        if isinstance(value, bool):
+            raise _type_error(key, "a float" + or_none, value)
         elif isinstance(value, (int, float)):
             out = float(value)
         elif isinstance(value, str):
             try:
                 out = float(value.strip())
             except ValueError:
-                raise _type_error(key, "a float" + (" or None" if t == "float|None" else ""), value) from None
+                raise _type_error(key, "a float" + or_none, value) from None
         else:
-            raise _type_error(key, "a float", value)
-        if out is not None and not _finite(out):
+            raise _type_error(key, "a float" + or_none, value)
+        if not _finite(out):
             raise _type_error(key, "a number (not NaN)", value)
     elif t == "int":
         out = _to_int(key, value, "an int", value)
@@ -289,6 +313,8 @@ def coerce_value(key: str, value: Any, spec: KeySpec | None = None) -> Any:
         else:
             raise _type_error(key, expected, value)
         out = list(dict.fromkeys(out))  # duplicate ids are dropped
+    elif t == "list":  # any YAML/JSON list (a trainer key such as the temporal task's criterion)
+        out = _yaml_list(key, value)
     else:  # a programming error in the table itself
         raise TypeError(f"KeySpec {key!r} has unknown type {t!r}")
     if spec.check is not None and not spec.check(out):

@@ -15,9 +15,10 @@ import pathlib
 import sys
 import time
 
-from losskit.config import build_train_config, load_config
+from losskit.config import load_config
 from losskit.contract import ConfigError, LossInputError
 from losskit.train.sinks import read_metrics, series
+from losskit.train.tasks import build_train_config, run_task
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -61,11 +62,12 @@ def run_compare(config_args: list[str], variants: list[str], out_dir: str | path
     """Train each variant into ``ROOT/NAME`` and write the table and the plot there; returns the table rows.
 
     ``ROOT`` is ``out_dir`` when given (it must not hold these variants' runs already), else a new numbered
-    ``out/compare/run-N`` (``out/compare/latest`` points at it). Every variant is validated before any trains.
+    ``out/compare/run-N`` (``out/compare/latest`` points at it). Every variant trains from scratch into its own
+    directory, so ``out_dir`` keys are replaced and ``init_from=resume`` is an error. Every variant is validated
+    before any trains.
     """
     from losskit.train.cli import registered_prefixes
     from losskit.train.rundir import claim_run_dir, resolve_out_dir, task_folder
-    from losskit.train.tasks import run_task
 
     parsed = [parse_variant(v) for v in variants]
     names = [n for n, _ in parsed]
@@ -75,8 +77,11 @@ def run_compare(config_args: list[str], variants: list[str], out_dir: str | path
     # validate every variant before training any, so a typo in the last one fails fast
     configs = []
     for name, pairs in parsed:
-        raw = {**base, **pairs, "init_from": "scratch"}
+        raw = {**base, **pairs}
         raw.pop("out_dir", None)
+        if str(raw.get("init_from", "scratch")).strip() != "scratch":
+            raise ConfigError(f"--variant {name!r}: losskit compare trains every variant from scratch, got "
+                              f"init_from={raw['init_from']!r}")
         cfg = build_train_config(raw, prefixes=registered_prefixes())
         if out_dir is not None:
             resolve_out_dir(cfg.task, str(pathlib.Path(out_dir) / name), "scratch")  # refuses to replace a run

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from losskit.config import train_config_to_dict
 from losskit.contract import ConfigError, LossInputError
 from losskit.functional.diffusion import (
     alphas_cumprod_from_betas,
@@ -39,33 +38,18 @@ from losskit.functional.diffusion import (
 )
 from losskit.modifiers.factory import create_loss_modifier_pipeline
 from losskit.modifiers.pipeline import LossModifierPipeline
+from losskit.modifiers.snr import SNRWeightModifier
+from losskit.train.config import train_config_to_dict
 from losskit.train.metrics import MetricAccumulator
 from losskit.train.rundir import prepare_run_dir, resolve_out_dir
 from losskit.train.runtime import resolve_device, save_resolved_config
 from losskit.train.schedule import get_lr as _lr  # the name tests/diffusion imports
 from losskit.train.sinks import open_sinks
 
-__all__ = ["DiffusionMLP", "NoiseProcess", "check_diffusion_config", "load_digits_images", "run"]
+__all__ = ["DiffusionMLP", "NoiseProcess", "load_digits_images", "run"]
 
 N_TRAIN = 1600
 TIME_FEATURES = 32
-
-
-def check_diffusion_config(cfg: Any) -> None:
-    """Cross-key checks of the diffusion task (raise ``ConfigError`` naming the key)."""
-    flow_space, flow_schedule = cfg.prediction_type == "flow", cfg.schedule == "flow"
-    if flow_space != flow_schedule:
-        raise ConfigError(
-            "prediction_type='flow' and schedule='flow' require each other, got "
-            f"prediction_type={cfg.prediction_type!r}, schedule={cfg.schedule!r}"
-        )
-    if cfg.zero_terminal_snr and flow_schedule:
-        raise ConfigError("zero_terminal_snr applies to VP schedules only, got schedule='flow'")
-    if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
-        raise ConfigError(
-            "zero_terminal_snr=True with prediction_type='epsilon': x0 cannot be recovered from ε at α = 0; use "
-            "v_prediction or sample"
-        )
 
 
 def load_digits_images(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +115,7 @@ class DiffusionMLP(nn.Module):
 
 
 class NoiseProcess:
-    """The forward process of one schedule: noising, targets, λ and x̂0 for every prediction type (§0, §9)."""
+    """The forward process of one schedule: noising, targets, λ and x̂0 for every prediction type."""
 
     def __init__(
         self, schedule: str, T: int, zero_terminal_snr: bool, prediction_type: str, device: torch.device
@@ -230,9 +214,9 @@ def evaluate(model: nn.Module, proc: NoiseProcess, x_val: torch.Tensor, K: int, 
 
 
 def run(cfg: Any) -> dict:
-    """Train per ``cfg`` (a ``DiffusionTrainConfig``); write metrics, buckets.json/png, samples.png."""
-    check_diffusion_config(cfg)
-    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("diffusion", cfg.out_dir, cfg.init_from, resumable=False))
+    """Train per ``cfg`` (a ``DiffusionTrainConfig``, whose checks ran when it was built); write metrics,
+    buckets.json/png, samples.png."""
+    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("diffusion", cfg.out_dir))
     device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.num_threads is not None:
@@ -251,16 +235,12 @@ def _train(cfg: Any, device: torch.device) -> dict:
     x_train, x_val = x_train.to(device), x_val.to(device)
     T, K = cfg.num_timesteps, cfg.diffusion_buckets
     proc = NoiseProcess(cfg.schedule, T, cfg.zero_terminal_snr, cfg.prediction_type, device)
-    config_dict = train_config_to_dict(cfg)
-    if cfg.loss_weighting == "constant" and not any(
-        k.startswith("loss_weighting") for k in cfg.extra_modifier_keys
-    ):
-        pipe = LossModifierPipeline(
-            input_checks="deferred"
-        )  # the plain mean; no "no modifier enabled" warning
-    else:
-        pipe = create_loss_modifier_pipeline(config_dict, input_checks="deferred")
-    snr_mod = next((m for m in pipe.enabled_modifiers if hasattr(m, "last_weights")), None)
+    settings = cfg.modifiers  # parsed, and warned about, once at the config edge
+    if settings.snr.enabled or settings.registered:
+        pipe = create_loss_modifier_pipeline(settings, input_checks="deferred")
+    else:  # the plain mean, without the factory's "no modifier is enabled" warning for the default master switch
+        pipe = LossModifierPipeline(input_checks="deferred")
+    snr_mod = next((m for m in pipe.enabled_modifiers if isinstance(m, SNRWeightModifier)), None)
     weighted = not pipe.is_empty()
 
     out_dir = prepare_run_dir("diffusion", cfg.out_dir)
@@ -328,7 +308,7 @@ def _train(cfg: Any, device: torch.device) -> dict:
                 if bool(bad):
                     raise LossInputError(f"non-finite loss at a valid element before step {it + 1}")
                 row = acc.compute()
-                row["train/lr"] = lr_sum / lr_n  # the interval mean, like every train/ key (§9)
+                row["train/lr"] = lr_sum / lr_n  # the interval mean, like every train/ key
                 b = buckets.tolist()  # the interval's one read of the bucket sums
                 for kk in range(K):
                     n = b[3][kk]

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from losskit.config import train_config_to_dict
 from losskit.contract import ConfigError, LossInputError
 from losskit.train.checkpoint import (
     CHECKPOINT,
@@ -40,6 +39,7 @@ from losskit.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from losskit.train.config import train_config_to_dict
 from losskit.train.data import IGNORE_INDEX, BatchSampler, LMData, SequenceSet, load_lm_data
 from losskit.train.metrics import MetricAccumulator
 from losskit.train.model import LlamaLM, ModelConfig, swiglu_hidden_size
@@ -76,23 +76,28 @@ def configure_optimizer(model: torch.nn.Module, cfg: Any, device_type: str) -> t
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The loss path: the modifier pipeline (always, in training), or a plain fused CE (tests of acceptance 17).
+# The loss path. A loss function is ``loss_fn(logits, targets, step_counts) -> (loss, loss_raw, bad)`` with a
+# ``padding_token`` attribute (excluded from the step's token count, or None) and ``metrics() -> dict``; the task
+# trains with the modifier pipeline, and the tests plug in plain references.
 # ------------------------------------------------------------------------------------------------------------
 
 
 class PipelineLoss:
-    """``LossModifierPipeline.compute`` in deferred-check, in-place-gradient mode (the lm task's path)."""
+    """``LossModifierPipeline.compute`` in deferred-check, in-place-gradient mode (the lm task's path), built from
+    the config's ``ModifierSettings`` (parsed, and warned about, once at the config edge)."""
 
     def __init__(self, cfg: Any, *, extra_modifiers=(), verbose: bool = True) -> None:
         from losskit.modifiers import create_loss_modifier_pipeline
 
+        settings = cfg.modifiers
         self.pipeline = create_loss_modifier_pipeline(
-            train_config_to_dict(cfg), extra_modifiers=extra_modifiers, verbose=verbose, input_checks="deferred"
+            settings, extra_modifiers=extra_modifiers, verbose=verbose, input_checks="deferred"
         )
+        smoothing = settings.smoothing
         self.padding_token = None
-        if (cfg.loss_modifiers_enabled and cfg.target_smoothing_enabled and cfg.target_smoothing_exclude_padding
-                and cfg.target_smoothing_padding_token != IGNORE_INDEX):
-            self.padding_token = cfg.target_smoothing_padding_token
+        if (settings.enabled and smoothing.enabled and smoothing.exclude_padding
+                and smoothing.padding_token != IGNORE_INDEX):
+            self.padding_token = smoothing.padding_token
 
     def __call__(self, logits, targets, step_counts):
         out = self.pipeline.compute(logits, targets, ignore_index=IGNORE_INDEX, step_counts=step_counts,
@@ -103,28 +108,6 @@ class PipelineLoss:
         m = self.pipeline.get_all_metrics()
         self.pipeline.reset_all_metrics()
         return m
-
-
-class PlainLoss:
-    """The trainer without a pipeline: ``kernels.fused_token_loss`` with the same normaliser (no modifiers)."""
-
-    padding_token = None
-
-    def __call__(self, logits, targets, step_counts):
-        from losskit.functional.reduce import normalizer
-        from losskit.kernels import fused_token_loss
-
-        valid = targets != IGNORE_INDEX
-        if step_counts is not None:
-            denom = normalizer(valid, normalize="global_tokens", step_counts=step_counts)
-        else:
-            denom = normalizer(valid, normalize="tokens")
-        out = fused_token_loss(logits, targets, ignore_index=IGNORE_INDEX, normalizer=denom, reduction="sum",
-                               inplace_grad=True)
-        return out.loss, out.loss.detach(), out.stats.bad.any()
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {}
 
 
 @dataclasses.dataclass
@@ -231,10 +214,11 @@ def load_resume_checkpoint(cfg: Any) -> tuple[Any, dict]:
     return cfg, resume
 
 
-def run(cfg: Any, *, use_pipeline: bool = True, extra_modifiers=(), progress: bool = True) -> dict:
+def run(cfg: Any, *, loss_fn=None, extra_modifiers=(), progress: bool = True) -> dict:
     """Train (or evaluate) the lm task described by ``cfg`` (an ``LMTrainConfig``); returns a summary dict.
 
-    Bad input (data, resume without checkpoint, modifier values) raises before anything is written.
+    ``loss_fn`` replaces the loss path (default: ``PipelineLoss(cfg, extra_modifiers=...)``). Bad input (data,
+    resume without checkpoint) raises before anything is written.
     """
     cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("lm", cfg.out_dir, cfg.init_from))
     resume = None
@@ -242,14 +226,12 @@ def run(cfg: Any, *, use_pipeline: bool = True, extra_modifiers=(), progress: bo
         cfg, resume = load_resume_checkpoint(cfg)
     data: LMData = load_lm_data(dataset=cfg.dataset, data=cfg.data, block_size=cfg.block_size,
                                 vocab_size=VOCAB_SIZE, seed=cfg.seed)
-    if cfg.dataset not in ("pydoc_topics", "custom_text"):
-        raise ConfigError(f"dataset must be 'pydoc_topics' or 'custom_text' for task='lm', got {cfg.dataset!r}")
 
     rt: Runtime = setup_runtime(cfg)
     finished = False
     try:
-        loss_fn = PipelineLoss(cfg, extra_modifiers=extra_modifiers, verbose=rt.master) if use_pipeline \
-            else PlainLoss()
+        if loss_fn is None:
+            loss_fn = PipelineLoss(cfg, extra_modifiers=extra_modifiers, verbose=rt.master)
         summary = _train(cfg, rt, data, loss_fn, resume, progress=progress)
         finished = True
         return summary

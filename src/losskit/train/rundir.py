@@ -133,18 +133,15 @@ def find_run_dir(path: str | pathlib.Path) -> pathlib.Path:
     )
 
 
-def resolve_out_dir(task: str, out_dir: str | None, init_from: str, *, resumable: bool = True) -> str | None:
+def resolve_out_dir(task: str, out_dir: str | None, init_from: str = "scratch") -> str | None:
     """The ``out_dir`` a run uses, checked before anything is written (``None``: claim a new numbered run later).
 
+    ``init_from="resume"`` (task lm, the one task that writes a checkpoint) continues a run; the other tasks have
+    no ``init_from`` key and always start one.
+
     Raises:
-        ConfigError: resume for a task that cannot resume, resume without a run to continue, or a fresh run into
-            a directory that holds one.
+        ConfigError: resume without a run to continue, or a fresh run into a directory that holds one.
     """
-    if init_from == "resume" and not resumable:
-        raise ConfigError(
-            f"init_from='resume' is not available with task={task!r}: it writes no checkpoint (only task 'lm' "
-            "resumes); use init_from='scratch'"
-        )
     if init_from == "resume":
         where = pathlib.Path(out_dir) if out_dir is not None else task_folder(task)
         try:
@@ -154,10 +151,12 @@ def resolve_out_dir(task: str, out_dir: str | None, init_from: str, *, resumable
                 f"{where} is resumed)"
             raise ConfigError(f"init_from='resume' needs a run to continue: {exc}{hint}") from None
     if out_dir is not None and holds_run(out_dir):
+        resume = ("pass --init_from=resume to continue it, " if task == "lm" else
+                  f"(task {task!r} cannot resume: only task 'lm' takes --init_from=resume) ")
         raise ConfigError(
             f"out_dir={out_dir!r} already holds a run (its {' or '.join(RUN_MARKERS)}), which a new run would "
-            "replace: pass --init_from=resume to continue it, choose another --out_dir, or leave out_dir unset "
-            f"for a new numbered run under {task_folder(task)}/"
+            f"replace: {resume}choose another --out_dir, or leave out_dir unset for a new numbered run under "
+            f"{task_folder(task)}/"
         )
     return out_dir
 

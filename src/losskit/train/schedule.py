@@ -19,7 +19,7 @@ __all__ = ["get_lr"]
 
 
 def get_lr(it: int, cfg: Any) -> float:
-    """The learning rate of iteration ``it`` (0-based) for a trainer config (``losskit.config`` dataclasses).
+    """The learning rate of iteration ``it`` (0-based) for a trainer config (``losskit.train.config.StepScheduleConfig``).
 
     Reads ``decay_lr``, ``learning_rate``, ``min_lr``, ``warmup_iters``, ``lr_decay_iters`` and ``max_iters``.
     Source: nanoGPT's ``get_lr`` (warm-up reaches ``learning_rate`` at ``it = warmup_iters``).

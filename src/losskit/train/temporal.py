@@ -28,12 +28,12 @@ from torch import nn
 
 from losskit import registry
 from losskit.combined import CombinedLoss
-from losskit.config import train_config_to_dict
 from losskit.contract import EMPTY_BATCH_MESSAGE, ConfigError, EmptyBatchWarning, LossInputError
 from losskit.functional.temporal import PresentationSchedule, parse_pattern
 from losskit.losses import CrossEntropyLoss, EnergyLoss
+from losskit.train.config import train_config_to_dict
 from losskit.train.rundir import prepare_run_dir, resolve_out_dir
-from losskit.train.runtime import save_resolved_config
+from losskit.train.runtime import resolve_device, save_resolved_config
 from losskit.train.sinks import open_sinks
 
 __all__ = [
@@ -305,27 +305,25 @@ def _energy_stats(criterion: CombinedLoss, label: str | None) -> Mapping[str, to
 def run(cfg: Any) -> dict:
     """Train per ``cfg`` (a ``TemporalTrainConfig``); print the table, write the files; return a summary.
 
-    On CPU the run uses ``cfg.num_threads`` intra-op threads (1 when the config has no such key) and restores
-    torch's setting afterwards. *Why one:* every op here is tiny; on a 2-core machine shared with other
-    processes, two spinning OpenMP threads made a step 30× slower (1.4 s instead of 45 ms).
+    On CPU the run uses ``cfg.num_threads`` intra-op threads (None: torch's setting; the default 1 is why
+    ``NumThreadsConfig`` says) and restores torch's setting afterwards.
     """
-    threads = getattr(cfg, "num_threads", None) or 1
+    device = resolve_device(cfg.device)
     previous = torch.get_num_threads()
-    if torch.device(cfg.device).type == "cpu":
-        torch.set_num_threads(threads)
+    if device.type == "cpu" and cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     try:
-        return _run(cfg)
+        return _run(cfg, device)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(cfg: Any) -> dict:
-    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("temporal", cfg.out_dir, cfg.init_from, resumable=False))
+def _run(cfg: Any, device: torch.device) -> dict:
+    cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("temporal", cfg.out_dir))
     pattern = parse_pattern(cfg.pattern)  # TypeError for an int pattern: "quote the pattern"
     alpha = cfg.dt / cfg.tau
     if not 0 < alpha <= 1:
         raise ConfigError(f"dt/tau (the leak alpha) must be in (0, 1], got dt={cfg.dt}, tau={cfg.tau}: {alpha:g}")
-    device = torch.device(cfg.device)
     entries = resolve_criterion(cfg.criterion, cfg.energy_weight)
     criterion = build_criterion(entries).to(device)
     ce_label, energy_label = _roles(criterion)
