@@ -42,7 +42,7 @@ from losskit.modifiers.snr import SNRWeightModifier
 from losskit.train.config import train_config_to_dict
 from losskit.train.metrics import MetricAccumulator
 from losskit.train.rundir import prepare_run_dir, resolve_out_dir
-from losskit.train.runtime import resolve_device, save_resolved_config
+from losskit.train.runtime import cpu_threads, resolve_device, save_resolved_config
 from losskit.train.schedule import get_lr as _lr  # the name tests/diffusion imports
 from losskit.train.sinks import open_sinks
 
@@ -218,15 +218,8 @@ def run(cfg: Any) -> dict:
     buckets.json/png, samples.png."""
     cfg = dataclasses.replace(cfg, out_dir=resolve_out_dir("diffusion", cfg.out_dir))
     device = resolve_device(cfg.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with cpu_threads(device, cfg.num_threads):
         return _train(cfg, device)
-    finally:
-        # The thread count is process-wide: a caller that runs several tasks in one process (the tests, a
-        # notebook) gets its own setting back.
-        torch.set_num_threads(threads)
 
 
 def _train(cfg: Any, device: torch.device) -> dict:

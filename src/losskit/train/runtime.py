@@ -50,6 +50,20 @@ def resolve_autocast(dtype: str, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, num_threads: int | None):
+    """Run the body with ``num_threads`` intra-op threads on CPU (None, or another device: torch's setting), and
+    give torch's setting back afterwards: the count is process-wide, and a caller that runs several tasks in one
+    process (the tests, a notebook) keeps its own."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu" and num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def setup_runtime(cfg: Any) -> Runtime:
     """Device, autocast and, under torchrun (``WORLD_SIZE > 1``), the process group (gloo on CPU, nccl on GPU)."""
     import torch.distributed as dist

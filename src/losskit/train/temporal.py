@@ -33,7 +33,7 @@ from losskit.functional.temporal import PresentationSchedule, parse_pattern
 from losskit.losses import CrossEntropyLoss, EnergyLoss
 from losskit.train.config import train_config_to_dict
 from losskit.train.rundir import prepare_run_dir, resolve_out_dir
-from losskit.train.runtime import resolve_device, save_resolved_config
+from losskit.train.runtime import cpu_threads, resolve_device, save_resolved_config
 from losskit.train.sinks import open_sinks
 
 __all__ = [
@@ -309,13 +309,8 @@ def run(cfg: Any) -> dict:
     ``NumThreadsConfig`` says) and restores torch's setting afterwards.
     """
     device = resolve_device(cfg.device)
-    previous = torch.get_num_threads()
-    if device.type == "cpu" and cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with cpu_threads(device, cfg.num_threads):
         return _run(cfg, device)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(cfg: Any, device: torch.device) -> dict:
