@@ -261,7 +261,10 @@ def test_config_file_then_cli_override():
 def test_every_config_file_validates(path):
     if path.suffix not in (".py", ".yaml", ".yml"):
         pytest.skip("not a config file")
-    validate_modifier_config(load_config_file(path), warn_master_switch=False)
+    values = load_config_file(path)
+    validated = validate_modifier_config(values, warn_master_switch=False)
+    for key in set(values) & set(MODIFIER_CONFIG_KEYS):  # the file's settings survive validation
+        assert validated[key] == coerce_value(key, values[key]), key
 
 
 def test_losskit_modifiers_lists_every_key():
