@@ -132,8 +132,12 @@ def build_train_config(raw: Mapping[str, Any], *, prefixes: Iterable[str] = ()) 
     unread = [name for name in raw if name not in fields and not any(name.startswith(p) for p in accepted)]
     if unread:  # every such key at once, so one run of the command shows all of them
         errors = [str(_rejection(name, task, prefixes)) for name in unread]
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{len(errors)} keys are not read by task {task.name!r}: " + "; ".join(errors))
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        pointer = help_pointer(task.name)  # said once, at the end
+        errors = [e.removesuffix("; " + pointer).removesuffix(pointer).rstrip("; ") for e in errors]
+        raise ConfigError(f"{len(errors)} keys are not read by task {task.name!r}: " + "; ".join(errors)
+                          + f"; {pointer}")
     values: dict[str, Any] = {}
     registered: dict[str, Any] = {}
     for name, value in raw.items():
