@@ -37,6 +37,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from packaging.specifiers import SpecifierSet
 from tinker import types as T
+from tinker.types.try_again_response import TryAgainResponse  # not re-exported by tinker.types
 
 from losskit.service import tinker_json as J
 from losskit.service.checkpoints import META, CheckpointPath, parse_path
@@ -775,7 +776,7 @@ def make_router(service: Service) -> APIRouter:
             return Response(fut.body, media_type=fut.content_type)
         if fut.state == FAILED:
             return _json_reply(fut.error.body(fut.request_id))
-        return J.dump(T.TryAgainResponse(request_id=fut.request_id, queue_state="active"))
+        return J.dump(TryAgainResponse(request_id=fut.request_id, queue_state="active"))
 
     @router.post("/cancel_future")
     async def cancel_future(request: Request):
