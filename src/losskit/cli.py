@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("losskit.train.plot:main", "PNG training curves of run directories (losses, LR, modifier metrics)"),
     "compare": ("losskit.train.compare:main", "train config variants on the same data and seed; table + val-curve PNG"),
     "sample": ("losskit.train.sample:main", "generate text from a trained lm run"),
-    "export": ("losskit.train.export:main", "write a trained lm run as a Hugging Face LlamaForCausalLM (+ byte tokenizer)"),
+    "export": ("losskit.service.tinker_export:main", "write a trained lm run, or a tinker:// checkpoint of losskit serve (merged), as a Hugging Face model"),
     "serve": ("losskit.service.cli:main", "start the training server (LoRA on HF causal LMs, built-in and custom losses)"),
 }
 

@@ -7,8 +7,12 @@ OUT_DIR receives ``config.json``, ``model.safetensors``, ``generation_config.jso
 model's state dict maps 1:1 onto LlamaForCausalLM, so export is a key-for-key copy (no conversion), and the
 tokenizer prepends ``<s>`` as training and ``losskit sample`` do: greedy ``generate`` on the export continues a
 prompt exactly as ``losskit sample --temperature=0``. Written files get the permissions of any new file
-(``0666`` minus the umask), whatever the writing library chose. ``tinker://`` sources name checkpoints of the
-training service and are rejected here with an error that says so.
+(``0666`` minus the umask), whatever the writing library chose.
+
+``tinker://`` sources name LoRA checkpoints of the training service (``losskit serve``). ``losskit export`` hands
+them to the service's exporter, which merges the adapter into its base model; this module, in the layer below the
+service, only parses the shared command line (``build_parser``) and refuses such a source when it is called
+directly.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ def check_export_source(src: str) -> None:
     """Reject a ``tinker://`` checkpoint path with a ``ConfigError`` naming what to export instead."""
     if src.startswith(TINKER_SCHEME):
         raise ConfigError(
-            f"SRC={src!r}: tinker:// checkpoints are exported by the training service (losskit serve), which "
-            "this version does not include; export a run directory instead (an out_dir of `losskit train`, "
-            "holding ckpt.pt)"
+            f"SRC={src!r}: tinker:// checkpoints of the training service are exported by `losskit export` (with "
+            "the serve extra installed), not by this run-directory exporter; pass a run directory here instead "
+            "(an out_dir of `losskit train`, holding ckpt.pt)"
         )
 
 
@@ -62,11 +66,11 @@ def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> path
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
     save_hf_tokenizer(out, model_max_length=model.config.block_size)
-    _normal_permissions(p for pattern in EXPORT_FILES for p in out.glob(pattern))
+    normal_permissions(p for pattern in EXPORT_FILES for p in out.glob(pattern))
     return out
 
 
-def _normal_permissions(paths) -> None:
+def normal_permissions(paths) -> None:
     """``0666 & ~umask`` on the files this export wrote (safetensors creates ``model.safetensors`` as 0600)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -74,18 +78,30 @@ def _normal_permissions(paths) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``losskit export`` (both kinds of source)."""
     parser = argparse.ArgumentParser(
         prog="losskit export",
-        description="Write a trained model in Hugging Face LlamaForCausalLM format with the byte-level tokenizer "
-        "of losskit/tiny-lm (config.json, model.safetensors, tokenizer files).",
+        description="Write a trained model in Hugging Face format, loadable offline with AutoModelForCausalLM: a "
+        "`losskit train` run as LlamaForCausalLM with the byte-level tokenizer of losskit/tiny-lm, or a tinker:// "
+        "LoRA checkpoint of `losskit serve` merged into its base model (with the base model's tokenizer).",
     )
-    parser.add_argument("src", help="a `losskit train` run directory, or a task folder such as out/lm (its latest "
-                        "run)")
+    parser.add_argument("src", help="a `losskit train` run directory, a task folder such as out/lm (its latest "
+                        "run), or a checkpoint path tinker://<run>/<weights|sampler_weights>/<name> of losskit serve")
     parser.add_argument("out_dir", help="output directory")
     parser.add_argument("--merge", action="store_true",
-                        help="tinker:// LoRA checkpoints: merge the adapter (no effect on a run directory)")
-    args = parser.parse_args(argv)
+                        help="merge the LoRA adapter into the base weights; tinker:// checkpoints are always written "
+                        "merged (a LoRA adapter alone is not a standalone model), and a run directory has no adapter")
+    parser.add_argument("--state-dir", metavar="DIR", default="",
+                        help="tinker:// sources: the state directory of losskit serve (default: as losskit serve, "
+                        "$LOSSKIT_STATE_DIR or losskit under the XDG data directory)")
+    parser.add_argument("--model", metavar="NAME=DIR", action="append", default=[],
+                        help="tinker:// sources: a base model the server knew as --model NAME=DIR (repeatable)")
+    return parser
+
+
+def export_from_args(args: argparse.Namespace) -> int:
+    """Export a run directory as ``args`` say (exit code; errors go to stderr)."""
     try:
         check_export_source(args.src)
         export_run(args.src, args.out_dir)
@@ -94,3 +110,8 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"exported {args.src} -> {args.out_dir}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """The run-directory exporter's entry point."""
+    return export_from_args(build_parser().parse_args(argv))
