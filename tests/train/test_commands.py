@@ -84,22 +84,22 @@ def test_export_missing_checkpoint_is_an_error(tmp_path, capsys):
     assert "ckpt.pt" in capsys.readouterr().err
 
 
-def test_export_tinker_path_says_the_service_is_not_included(tmp_path, capsys):
+def test_the_run_exporter_refuses_tinker_paths(tmp_path, capsys):
+    """``train.export`` exports run directories only; ``losskit export`` sends tinker:// paths to the service's
+    exporter (tests/service), so the train layer never reaches up into the service layer."""
     import inspect
 
     from losskit.contract import ConfigError
     from losskit.train import export
 
-    out = tmp_path / "hf"
-    assert losskit(["export", "tinker://run-1/weights/final", str(out), "--merge"]) == 2
-    err = capsys.readouterr().err
-    assert "tinker:// checkpoints are exported by the training service (losskit serve)" in err
-    assert "export a run directory instead" in err and "'tinker://run-1/weights/final'" in err
-    assert not out.exists()  # nothing written
-    with pytest.raises(ConfigError, match="this version does not include"):
+    with pytest.raises(ConfigError, match="exported by `losskit export`"):
         export.check_export_source("tinker://x/weights/y")
     export.check_export_source(str(tmp_path))  # a run directory passes the check
-    # the train layer never reaches up into the service layer, not even through importlib
+    out = tmp_path / "hf"
+    assert export.main(["tinker://run-1/weights/final", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not by this run-directory exporter" in err and "'tinker://run-1/weights/final'" in err
+    assert not out.exists()  # nothing written
     assert "losskit.service" not in inspect.getsource(export)
 
 
