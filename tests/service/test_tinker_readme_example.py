@@ -1,7 +1,6 @@
 """The README's Tinker SDK example, extracted from README.md and run as written (only the port changes) against a
 real ``losskit serve`` on 127.0.0.1 with a random port."""
 
-import ast
 import os
 import pathlib
 import re
@@ -27,7 +26,7 @@ def readme_example() -> str:
 def test_the_example_is_short_and_uses_only_the_sdk():
     code = readme_example()
     lines = [line for line in code.splitlines() if line.strip()]
-    assert len(lines) <= 12, lines
+    assert len(lines) <= 10, lines
     assert DEFAULT_URL in code and "losskit" not in code.replace("losskit/tiny-lm", "")
 
 
@@ -57,6 +56,4 @@ def test_the_readme_example_runs_against_losskit_serve(hf_home, tmp_path):
     out = run.stdout.splitlines()
     losses = [float(line.split()[1]) for line in out[:5]]
     assert [int(line.split()[0]) for line in out[:5]] == list(range(5))
-    assert losses[-1] < losses[0]  # it learns
-    tokens = ast.literal_eval(out[5])
-    assert 1 <= len(tokens) <= 8 and all(0 <= t < 264 for t in tokens)
+    assert len(out) == 5 and losses[-1] < losses[0]  # it learns
