@@ -218,3 +218,23 @@ def test_a_changed_schema_fails_the_check_naming_the_field(monkeypatch):
         check_sdk.cache_clear()
     assert check_sdk().ok
 
+
+
+def test_models_the_sdk_does_not_re_export_are_checked_in_their_own_module(monkeypatch):
+    from losskit.service import sdk_check
+
+    assert "TryAgainResponse" in sdk_check.MODEL_FIELDS  # tinker.types lacks it; tinker.types.try_again_response has it
+    try:
+        monkeypatch.setitem(sdk_check.MODEL_FIELDS, "TryAgainResponse",
+                            (*sdk_check.MODEL_FIELDS["TryAgainResponse"], "retry_after"))
+        check_sdk.cache_clear()
+        result = check_sdk()
+        assert not result.ok and "TryAgainResponse lacks field retry_after" in result.problem
+        monkeypatch.setitem(sdk_check.MODEL_FIELDS, "NoSuchResponse", ("x",))
+        monkeypatch.delitem(sdk_check.MODEL_FIELDS, "TryAgainResponse")
+        check_sdk.cache_clear()
+        assert "NoSuchResponse lacks field x" in check_sdk().problem  # an absent model fails, never crashes
+    finally:
+        monkeypatch.undo()
+        check_sdk.cache_clear()
+    assert check_sdk().ok

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.metadata
+import re
+from typing import Any
 
 SUPPORTED = ">=0.38,<0.39"
 
@@ -93,8 +96,22 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "UntypedAPIFuture": ('model_id', 'request_id', 'sample_sequence_ids'),
     "GetInfoResponse": ('is_lora', 'lora_rank', 'model_data', 'model_id', 'model_name', 'optimizer_config', 'type'),
     "RequestFailedResponse": ('category', 'error'),
+    "TryAgainResponse": ('queue_state', 'request_id', 'type'),
     "TrainingRun": ('base_model', 'corrupted', 'is_lora', 'last_checkpoint', 'last_request_time', 'last_sampler_checkpoint', 'lora_rank', 'model_owner', 'training_run_id', 'user_metadata'),
 }
+
+
+def _sdk_model(types: Any, name: str) -> Any:
+    """The SDK's pydantic model ``name``: re-exported by ``tinker.types``, or only in its own module
+    (``TryAgainResponse`` lives in ``tinker.types.try_again_response``); None when neither has it."""
+    cls = getattr(types, name, None)
+    if cls is None:
+        module = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+        try:
+            cls = getattr(importlib.import_module(f"{types.__name__}.{module}"), name, None)
+        except ImportError:
+            return None
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +167,7 @@ def check_sdk() -> SdkCheck:
     from tinker import types
 
     for model, names in MODEL_FIELDS.items():
-        cls = getattr(types, model, None)
+        cls = _sdk_model(types, model)
         found = tuple(sorted(cls.model_fields)) if cls is not None else ()
         missing = [n for n in names if n not in found]
         if missing:
