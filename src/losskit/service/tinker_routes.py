@@ -168,6 +168,19 @@ def make_router(service: Service) -> APIRouter:
             engine.burn(sess, model_id, seq if isinstance(seq, int) else None, digest, err)
             raise
 
+    async def sequenced(request: Request, body: Any, work: Callable[[Any, str], Future]):
+        """The route of a request sequenced on one model (``body.model_id``, ``body.seq_id``): note it, find the
+        session, run ``work(session, digest)`` under ``guarded`` (off the event loop) and hand out its future."""
+
+        def submit():
+            note(request, body.model_id, body.seq_id)
+            sess = model_session(request, body.model_id)
+            digest = J.digest(body)
+            return guarded(sess, body.model_id, body.seq_id, digest, lambda: work(sess, digest)), sess
+
+        fut, sess = await run_in_threadpool(submit)
+        return hand_out(fut, sess, model_id=body.model_id)
+
     def completed(sess, kind: str, value: dict[str, Any]) -> Future:
         """A future that is already done (creating calls that need no device work)."""
         fut = engine.futures.create(sess.id, kind)
@@ -434,94 +447,70 @@ def make_router(service: Service) -> APIRouter:
     async def optim_step(request: Request):
         body = await body_of(request, T.OptimStepRequest)
 
-        def submit():
-            note(request, body.model_id, body.seq_id)
-            sess = model_session(request, body.model_id)
-            digest = J.digest(body)
+        def go(sess, digest):
+            params = body.optim_params
+            if not isinstance(params, T.AdamParams):
+                raise ServiceError("unsupported_optimizer", f"only AdamParams are supported, got optimizer "
+                                   f"{getattr(params, 'type', type(params).__name__)!r}",
+                                   detail={"argument": "optimizer_params"})
+            adam = AdamParams.from_mapping(params.model_dump())
+            return service.optim_step(sess, body.model_id, body.seq_id, digest, adam,
+                                      json_encoder(lambda v: T.OptimStepResponse(metrics=v["metrics"])))
 
-            def go():
-                params = body.optim_params
-                if not isinstance(params, T.AdamParams):
-                    raise ServiceError("unsupported_optimizer", f"only AdamParams are supported, got optimizer "
-                                       f"{getattr(params, 'type', type(params).__name__)!r}",
-                                       detail={"argument": "optimizer_params"})
-                adam = AdamParams.from_mapping(params.model_dump())
-                return service.optim_step(sess, body.model_id, body.seq_id, digest, adam,
-                                          json_encoder(lambda v: T.OptimStepResponse(metrics=v["metrics"])))
-
-            return guarded(sess, body.model_id, body.seq_id, digest, go), sess
-
-        fut, sess = await run_in_threadpool(submit)
-        return hand_out(fut, sess, model_id=body.model_id)
+        return await sequenced(request, body, go)
 
     @router.post("/save_weights")
     async def save_weights(request: Request):
         body = await body_of(request, T.SaveWeightsRequest)
 
-        def submit():
-            note(request, body.model_id, body.seq_id)
-            sess = model_session(request, body.model_id)
-            digest = J.digest(body)
+        def go(sess, digest):
+            if body.path is None:
+                raise ServiceError("validation_error", "SaveWeightsRequest: missing field 'path' (the checkpoint "
+                                   "name)", detail={"argument": "path"})
+            return service.save(sess, body.model_id, body.seq_id, digest, body.path, kind="weights",
+                                 overwrite=body.overwrite, ttl_seconds=body.ttl_seconds,
+                                 user_metadata=body.user_metadata,
+                                 encode=json_encoder(lambda v: T.SaveWeightsResponse(path=v["path"],
+                                                                                     type="save_weights")))
 
-            def go():
-                if body.path is None:
-                    raise ServiceError("validation_error", "SaveWeightsRequest: missing field 'path' (the checkpoint "
-                                       "name)", detail={"argument": "path"})
-                return service.save(sess, body.model_id, body.seq_id, digest, body.path, kind="weights",
-                                     overwrite=body.overwrite, ttl_seconds=body.ttl_seconds,
-                                     user_metadata=body.user_metadata,
-                                     encode=json_encoder(lambda v: T.SaveWeightsResponse(path=v["path"],
-                                                                                         type="save_weights")))
-
-            return guarded(sess, body.model_id, body.seq_id, digest, go), sess
-
-        fut, sess = await run_in_threadpool(submit)
-        return hand_out(fut, sess, model_id=body.model_id)
+        return await sequenced(request, body, go)
 
     @router.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request):
         body = await body_of(request, T.SaveWeightsForSamplerRequest)
 
-        def submit():
-            note(request, body.model_id, body.seq_id)
-            sess = model_session(request, body.model_id)
-            digest = J.digest(body)
+        def go(sess, digest):
+            reply = lambda **kw: T.SaveWeightsForSamplerResponseInternal(type="save_weights_for_sampler", **kw)
+            if (body.path is None) == (body.sampling_session_seq_id is None):
+                raise ServiceError("validation_error", "save_weights_for_sampler takes exactly one of path (a named "
+                                   "checkpoint) or sampling_session_seq_id (a sampler held in memory)",
+                                   detail={"argument": "path"})
+            if body.path is not None:
+                return service.save(sess, body.model_id, body.seq_id, digest, body.path, kind="sampler_weights",
+                                     overwrite=False, ttl_seconds=body.ttl_seconds,
+                                     user_metadata=body.user_metadata,
+                                     encode=json_encoder(lambda v: reply(path=v["path"])))
+            if body.ttl_seconds is not None:
+                raise ServiceError("validation_error", "ttl_seconds applies to named checkpoints; a sampler held "
+                                   "in memory lives as long as its session", detail={"argument": "ttl_seconds"})
+            if body.sampling_session_seq_id < 0:
+                raise ServiceError("validation_error", "sampling_session_seq_id must be >= 0",
+                                   detail={"argument": "sampling_session_seq_id"})
+            rec = record(sess)
+            sampler_id = sampler_id_of(sess.id, body.sampling_session_seq_id)
+            if sampler_id in rec.samplers:
+                raise ServiceError("seq_conflict", f"sampling_session_seq_id {body.sampling_session_seq_id} "
+                                   f"already names sampler {sampler_id}",
+                                   detail={"argument": "sampling_session_seq_id"})
 
-            def go():
-                reply = lambda **kw: T.SaveWeightsForSamplerResponseInternal(type="save_weights_for_sampler", **kw)
-                if (body.path is None) == (body.sampling_session_seq_id is None):
-                    raise ServiceError("validation_error", "save_weights_for_sampler takes exactly one of path (a named "
-                                       "checkpoint) or sampling_session_seq_id (a sampler held in memory)",
-                                       detail={"argument": "path"})
-                if body.path is not None:
-                    return service.save(sess, body.model_id, body.seq_id, digest, body.path, kind="sampler_weights",
-                                         overwrite=False, ttl_seconds=body.ttl_seconds,
-                                         user_metadata=body.user_metadata,
-                                         encode=json_encoder(lambda v: reply(path=v["path"])))
-                if body.ttl_seconds is not None:
-                    raise ServiceError("validation_error", "ttl_seconds applies to named checkpoints; a sampler held "
-                                       "in memory lives as long as its session", detail={"argument": "ttl_seconds"})
-                if body.sampling_session_seq_id < 0:
-                    raise ServiceError("validation_error", "sampling_session_seq_id must be >= 0",
-                                       detail={"argument": "sampling_session_seq_id"})
-                rec = record(sess)
-                sampler_id = sampler_id_of(sess.id, body.sampling_session_seq_id)
-                if sampler_id in rec.samplers:
-                    raise ServiceError("seq_conflict", f"sampling_session_seq_id {body.sampling_session_seq_id} "
-                                       f"already names sampler {sampler_id}",
-                                       detail={"argument": "sampling_session_seq_id"})
+            def keep(source: SnapshotSource):
+                with state.lock:
+                    rec.samplers[sampler_id] = Sampler(sampler_id, source.base_model, None, source)
+                return reply(sampling_session_id=sampler_id)
 
-                def keep(source: SnapshotSource):
-                    with state.lock:
-                        rec.samplers[sampler_id] = Sampler(sampler_id, source.base_model, None, source)
-                    return reply(sampling_session_id=sampler_id)
+            return service.snapshot(sess, body.model_id, body.seq_id, digest, json_encoder(keep))
 
-                return service.snapshot(sess, body.model_id, body.seq_id, digest, json_encoder(keep))
-
-            return guarded(sess, body.model_id, body.seq_id, digest, go), sess
-
-        fut, sess = await run_in_threadpool(submit)
-        return hand_out(fut, sess, model_id=body.model_id)
+        return await sequenced(request, body, go)
 
     @router.post("/load_weights")
     async def load_weights(request: Request):
