@@ -16,11 +16,25 @@ from losskit.service.settings import make_settings
 
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory):
+    """A fresh ``HF_HOME`` for the session, in the environment and in ``huggingface_hub.constants``.
+
+    The constants are read from the environment once, when ``huggingface_hub`` is first imported, and whichever
+    test module imports ``transformers`` first decides when that is; without the patch, a test's own
+    ``from_pretrained("losskit/tiny-lm")`` would look in the user's real cache (and pass or fail by what is there).
+    """
+    import huggingface_hub.constants as hub
+
     path = tmp_path_factory.mktemp("hf_home")
     saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE")}
     os.environ["HF_HOME"] = str(path)
     os.environ.pop("HF_HUB_CACHE", None)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(hub, "HF_HOME", str(path))
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        patch.setattr(hub, name, str(path / "hub"))
+    patch.setattr(hub, "HF_ASSETS_CACHE", str(path / "assets"))
     yield path
+    patch.undo()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
