@@ -67,13 +67,8 @@ class SaveStateRequest(Body):
     wait_s: WaitS = None
 
 
-class SaveForSamplerRequest(Body):
-    model_id: Alias
-    seq_id: SeqId = None
-    name: str = Field(max_length=128)
-    overwrite: bool = False
-    ttl_seconds: float | None = Field(default=None, gt=0)
-    wait_s: WaitS = None
+class SaveForSamplerRequest(SaveStateRequest):
+    """The same fields as ``SaveStateRequest``; the checkpoint holds the adapter weights only."""
 
 
 class LoadStateRequest(Body):

@@ -181,6 +181,26 @@ def make_router(service: Service) -> APIRouter:
         fut, sess = await run_in_threadpool(submit)
         return hand_out(fut, sess, model_id=body.model_id)
 
+    def created_once(request: Request, sess, rec: TinkerSession, body: Any, make: Callable[[str], Future]):
+        """Create model ``body.model_seq_id`` of ``sess`` with ``make(model_id)``, once: a resend of the same body
+        gets the first request's future, a different body with that ``model_seq_id`` is ``seq_conflict``."""
+        if body.model_seq_id < 0:
+            raise ServiceError("validation_error", f"model_seq_id must be >= 0, got {body.model_seq_id}",
+                               detail={"argument": "model_seq_id"})
+        model_id = model_id_of(sess.id, body.model_seq_id)
+        note(request, model_id, 0)
+        digest = J.digest(body)
+        with state.lock:
+            if body.model_seq_id in rec.models:
+                rid, known = rec.models[body.model_seq_id]
+                if known != digest:
+                    raise ServiceError("seq_conflict", f"model_seq_id {body.model_seq_id} already created model "
+                                       f"{model_id} with a different request")
+                return engine.futures.get(rid, sess.id), sess, model_id
+            fut = make(model_id)
+            rec.models[body.model_seq_id] = (fut.request_id, digest)
+            return fut, sess, model_id
+
     def completed(sess, kind: str, value: dict[str, Any]) -> Future:
         """A future that is already done (creating calls that need no device work)."""
         fut = engine.futures.create(sess.id, kind)
@@ -288,26 +308,15 @@ def make_router(service: Service) -> APIRouter:
             sess = session(request, body.session_id)
             rec = record(sess)
             check_adam_config(body.optimizer_config)
-            if body.model_seq_id < 0:
-                raise ServiceError("validation_error", f"model_seq_id must be >= 0, got {body.model_seq_id}",
-                                   detail={"argument": "model_seq_id"})
-            model_id = model_id_of(sess.id, body.model_seq_id)
-            note(request, model_id, 0)
-            digest = J.digest(body)
-            with state.lock:
-                if body.model_seq_id in rec.models:
-                    rid, known = rec.models[body.model_seq_id]
-                    if known != digest:
-                        raise ServiceError("seq_conflict", f"model_seq_id {body.model_seq_id} already created model "
-                                           f"{model_id} with a different request")
-                    return engine.futures.get(rid, sess.id), sess, model_id
+
+            def make(model_id: str) -> Future:
                 lora = body.lora_config or T.LoraConfig(rank=32)
                 spec = LoraSpec.make(lora.rank, lora.seed, lora.train_attn, lora.train_mlp, lora.train_unembed)
-                fut = service.create_model(sess, model_id, body.base_model, spec,
-                                           json_encoder(lambda v: T.CreateModelResponse(model_id=v["model_id"])),
-                                           user_metadata=body.user_metadata)
-                rec.models[body.model_seq_id] = (fut.request_id, digest)
-                return fut, sess, model_id
+                return service.create_model(sess, model_id, body.base_model, spec,
+                                            json_encoder(lambda v: T.CreateModelResponse(model_id=v["model_id"])),
+                                            user_metadata=body.user_metadata)
+
+            return created_once(request, sess, rec, body, make)
 
         fut, sess, model_id = await run_in_threadpool(submit)
         return hand_out(fut, sess, model_id=model_id)
@@ -544,28 +553,18 @@ def make_router(service: Service) -> APIRouter:
             if body.optimizer and body.optimizer_config is not None:
                 raise ServiceError("validation_error", "optimizer_config cannot override the optimizer state the "
                                    "load restores (optimizer=true)", detail={"argument": "optimizer_config"})
-            if body.model_seq_id < 0:
-                raise ServiceError("validation_error", "model_seq_id must be >= 0", detail={"argument": "model_seq_id"})
-            model_id = model_id_of(sess.id, body.model_seq_id)
-            note(request, model_id, 0)
-            digest = J.digest(body)
-            with state.lock:
-                if body.model_seq_id in rec.models:
-                    rid, known = rec.models[body.model_seq_id]
-                    if known != digest:
-                        raise ServiceError("seq_conflict", f"model_seq_id {body.model_seq_id} already created model "
-                                           f"{model_id} with a different request")
-                    return engine.futures.get(rid, sess.id), sess, model_id
+
+            def make(model_id: str) -> Future:
                 if body.base_model is not None:
                     trained_on = service.checkpoint_run(sess, body.path)["base_model"]
                     if body.base_model != trained_on:
                         raise ServiceError("validation_error", f"base_model {body.base_model!r} differs from the "
                                            f"checkpoint's base model {trained_on!r}; this server loads a checkpoint "
                                            "on its own base model only", detail={"argument": "base_model"})
-                fut = service.load_new(sess, body.path, model_id, optimizer=body.optimizer,
-                                       encode=json_encoder(reply), user_metadata=body.user_metadata)
-                rec.models[body.model_seq_id] = (fut.request_id, digest)
-                return fut, sess, model_id
+                return service.load_new(sess, body.path, model_id, optimizer=body.optimizer,
+                                        encode=json_encoder(reply), user_metadata=body.user_metadata)
+
+            return created_once(request, sess, rec, body, make)
 
         fut, sess, model_id = await run_in_threadpool(submit)
         return hand_out(fut, sess, model_id=model_id)
