@@ -29,7 +29,7 @@ from losskit.service.lora import LoraSpec
 from losskit.service.loss_registry import CustomLoss
 from losskit.service.operations import Service
 from losskit.service.optim import AdamParams
-from losskit.service.sampling import PromptOptions, SamplingParams
+from losskit.service.sampling import PromptOptions, SamplingParams, check_prompt
 from losskit.service.tensors import encode_tensor
 
 log = logging.getLogger("losskit.serve")
@@ -350,12 +350,7 @@ def make_router(service: Service) -> APIRouter:
             info = service.sampler_info(session, model_id=model_id, model_path=body.model_path,
                                         base_model=body.base_model)
             prompt = body.prompt if isinstance(body.prompt, list) else list(info.tokenizer(body.prompt).input_ids)
-            if not prompt:
-                raise ServiceError("validation_error", "prompt is empty", detail={"argument": "prompt"})
-            bad = [t for t in prompt if not 0 <= t < info.vocab_size]
-            if bad:
-                raise ServiceError("token_out_of_range", f"prompt token {bad[0]} is outside the vocabulary [0, "
-                                   f"{info.vocab_size})", detail={"argument": "prompt"})
+            check_prompt(prompt, info.vocab_size)
             if body.num_samples > settings.max_num_samples:
                 raise ServiceError("validation_error", f"num_samples must be <= {settings.max_num_samples} "
                                    f"(--max-num-samples), got {body.num_samples}", detail={"argument": "num_samples"})

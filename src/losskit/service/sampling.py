@@ -81,6 +81,20 @@ class SamplingParams:
         return SamplingParams(max_tokens, temperature, top_k, top_p, seed, stop_ids, stop_strings)
 
 
+def check_prompt(prompt: list[int], vocab_size: int) -> None:
+    """A prompt to sample from: at least one token, every token in ``[0, vocab_size)``.
+
+    Raises:
+        ServiceError: ``validation_error`` for an empty prompt, ``token_out_of_range`` naming the first bad token.
+    """
+    if not prompt:
+        raise ServiceError("validation_error", "prompt is empty", detail={"argument": "prompt"})
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ServiceError("token_out_of_range", f"prompt token {bad[0]} is outside the vocabulary [0, "
+                           f"{vocab_size})", detail={"argument": "prompt"})
+
+
 def _number(value, name, ok, rule) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ServiceError("validation_error", f"sampling_params.{name} must be a number {rule}, got {value!r}",

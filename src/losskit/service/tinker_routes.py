@@ -48,7 +48,7 @@ from losskit.service.lora import LoraSpec
 from losskit.service.loss_registry import CustomLoss, ResolvedLoss
 from losskit.service.operations import Service, SnapshotSource
 from losskit.service.optim import AdamParams
-from losskit.service.sampling import PromptOptions, SamplingParams
+from losskit.service.sampling import PromptOptions, SamplingParams, check_prompt
 from losskit.service.sdk_check import SUPPORTED
 from losskit.service.tinker_state import (
     Sampler,
@@ -655,12 +655,7 @@ def make_router(service: Service) -> APIRouter:
                     raise ServiceError("unsupported_feature", f"prompt.chunks[{j}] is a {chunk.type} chunk; only "
                                        "encoded_text chunks are supported", detail={"argument": "prompt"})
                 prompt += list(chunk.tokens)
-            if not prompt:
-                raise ServiceError("validation_error", "prompt is empty", detail={"argument": "prompt"})
-            bad = [t for t in prompt if not 0 <= t < info.vocab_size]
-            if bad:
-                raise ServiceError("token_out_of_range", f"prompt token {bad[0]} is outside the vocabulary [0, "
-                                   f"{info.vocab_size})", detail={"argument": "prompt"})
+            check_prompt(prompt, info.vocab_size)
             if not 1 <= body.num_samples <= settings.max_num_samples:
                 raise ServiceError("validation_error", f"num_samples must be in [1, {settings.max_num_samples}] "
                                    f"(--max-num-samples), got {body.num_samples}", detail={"argument": "num_samples"})
