@@ -142,6 +142,18 @@ class BaseLossModifier(abc.ABC):
         self._metrics: dict[str, Any] = {}
         self.name = str(self.config.get("name") or type(self).__name__)
 
+    def bind_settings(self, settings_type: type, config: Any) -> Any:
+        """Initialise a built-in modifier from its frozen settings, or from seed 000's dict of short keys
+        (``settings_type.from_short``, which validates them); every settings field becomes an attribute
+        (``self.weight``, ``self.factor``, ...). Returns the settings (also ``self.settings``)."""
+        settings = config if isinstance(config, settings_type) else settings_type.from_short(config)
+        BaseLossModifier.__init__(self, config if isinstance(config, Mapping) else settings.short())
+        self.settings = settings
+        for field in dataclasses.fields(settings):
+            setattr(self, field.name, getattr(settings, field.name))
+        self.enabled = settings.enabled  # a field, or derived (SNR: a scheme other than "constant")
+        return settings
+
     @abc.abstractmethod
     def modify_loss(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, **kwargs: Any
                     ) -> torch.Tensor:

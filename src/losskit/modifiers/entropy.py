@@ -111,16 +111,7 @@ class EntropyModifier(BaseLossModifier):
     PREFIX = "entropy_modifier_"
 
     def __init__(self, config: EntropySettings | Mapping[str, Any] | None = None):
-        s = config if isinstance(config, EntropySettings) else EntropySettings.from_short(config)
-        super().__init__(config if isinstance(config, Mapping) else s.short())
-        self.settings = s
-        self.enabled = s.enabled
-        self.weight = s.weight
-        self.threshold = s.threshold
-        self.eps = s.eps
-        self.debug = s.debug
-        self.per_sample = s.per_sample
-        self.differentiable_weights = s.differentiable_weights
+        self.bind_settings(EntropySettings, config)
 
     def weights(self, ctx: ModifierContext) -> Weights:
         stats = ctx.stats

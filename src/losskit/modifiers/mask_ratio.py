@@ -68,14 +68,7 @@ class MaskRatioWeightModifier(BaseLossModifier):
     PREFIX = "mask_ratio_weight_"
 
     def __init__(self, config: MaskRatioSettings | Mapping[str, Any] | None = None):
-        s = config if isinstance(config, MaskRatioSettings) else MaskRatioSettings.from_short(config)
-        super().__init__(config if isinstance(config, Mapping) else s.short())
-        self.settings = s
-        self.enabled = s.enabled
-        self.power = s.power
-        self.min = s.min
-        self.max = s.max
-        self.eps = s.eps
+        self.bind_settings(MaskRatioSettings, config)
 
     def weights(self, ctx: ModifierContext) -> Weights:
         dtype = ctx.per_token_loss.dtype if ctx.per_token_loss is not None else None

@@ -79,15 +79,8 @@ class TargetSmoothingModifier(BaseLossModifier):
     PREFIX = "target_smoothing_"
 
     def __init__(self, config: SmoothingSettings | Mapping[str, Any] | None = None):
-        s = config if isinstance(config, SmoothingSettings) else SmoothingSettings.from_short(config)
-        super().__init__(config if isinstance(config, Mapping) else s.short())
-        self.settings = s
-        self.enabled = s.enabled
-        self.factor = s.factor
+        s = self.bind_settings(SmoothingSettings, config)
         self.special_tokens = list(s.special_tokens)
-        self.exclude_padding = s.exclude_padding
-        self.padding_token = s.padding_token
-        self.convention = s.convention
         self._ids: dict[torch.device, torch.Tensor] = {}
 
     # ---- hooks ------------------------------------------------------------------------------------------------

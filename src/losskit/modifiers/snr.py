@@ -57,11 +57,8 @@ class SNRWeightModifier(BaseLossModifier):
     canonical_rank = 3
 
     def __init__(self, config: SNRSettings | Mapping[str, Any] | None = None):
-        s = config if isinstance(config, SNRSettings) else SNRSettings.from_short(config)
-        super().__init__(config if isinstance(config, Mapping) else s.short())
-        self.settings = s
+        s = self.bind_settings(SNRSettings, config)
         self.scheme: str = s.loss_weighting
-        self.enabled = s.enabled
         self.prediction_type: str = s.prediction_type
         self.convention: str = s.weighting_convention
         self.differentiable_weights = s.loss_weighting_differentiable_weights
