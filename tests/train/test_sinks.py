@@ -8,6 +8,7 @@ same rows: ``train/loss``, ``train/loss_raw``, ``val/loss`` and, with a modifier
 import json
 import math
 import pathlib
+import time
 
 import pytest
 
@@ -68,6 +69,27 @@ def read_wandb_records(path: pathlib.Path) -> list:
             records.append(rec)
             pending = b""
     return records
+
+
+def finished_wandb_records(path: pathlib.Path, timeout_s: float = 60.0) -> list:
+    """The records of an offline run file once W&B has written its ``exit`` record.
+
+    ``run.finish()`` returns when W&B's service has taken the run's end, and that service process writes the file
+    on its own schedule: read right away on a loaded machine, the file can still lack its history (seen in CI). A
+    partly written file is read again until the ``exit`` record is there, for at most ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        from google.protobuf.message import DecodeError
+
+        try:
+            records = read_wandb_records(path)
+        except (AssertionError, DecodeError):  # a record still being written (truncated header or payload)
+            records = []
+        if any(rec.WhichOneof("record_type") == "exit" for rec in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout_s:.0f} s"
+        time.sleep(0.2)
 
 
 def wandb_history(records) -> dict[int, dict]:
@@ -140,7 +162,7 @@ def test_tensorboard_and_wandb_offline_receive_the_jsonl_series(tmp_path, tiny_c
 
     # W&B: one offline run inside the run directory (WANDB_DIR is unset), history equal to the JSONL
     (wb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_wandb_records(wb_file)
+    records = finished_wandb_records(wb_file)
     assert {r.WhichOneof("record_type") for r in records} >= {"run", "history"}
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run_record.project, run_record.display_name) == ("sinks-test", "tiny")
@@ -158,7 +180,7 @@ def test_wandb_run_goes_under_wandb_dir_when_set(tmp_path, tiny_config, wandb_of
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
     lm.run(tiny_config(tmp_path, "--wandb_log=True", "--eval_interval=100", iters=1), progress=False)
     (wb_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
-    history = wandb_history(read_wandb_records(wb_file))
+    history = wandb_history(finished_wandb_records(wb_file))
     assert set(history) == {0, 1} and "val/loss" in history[0] and {"train/loss", "val/loss"} <= set(history[1])
     assert not (tmp_path / "run" / "wandb").exists()
     assert not (tmp_path / "run" / "tensorboard").exists()  # tensorboard_log defaults to False
