@@ -13,6 +13,48 @@ import pytest
 
 from losskit.service.settings import make_settings
 
+#: The fixed batch of the end-to-end checks: 8 byte-tokenised sentences (both surfaces train on them).
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Loss functions shape what a model learns.",
+    "A small language model fits on a laptop.",
+    "Gradients flow backwards through the graph.",
+    "Every token counts in a cross entropy sum.",
+    "LoRA adapters train a few parameters only.",
+    "The optimizer keeps two moments per weight.",
+    "Sampling draws one token after another.",
+]
+
+
+#: Two models' different data for the concurrency checks (bytes; the SDK tests shift them).
+DATA_A = [list(b"model A learns about foxes."), list(b"and about lazy dogs")]
+DATA_B = [list(b"B trains on other text entirely!"), list(b"numbers 0123456789")]
+
+
+def check_parallel_equals_alone(train, datasets: dict[str, list], steps: int = 10) -> None:
+    """Two models trained at once in two threads end bitwise equal to each trained alone, and each optimizer
+    holds only its own adapter's parameters. ``train(key, data, steps, out)`` trains one fresh model and sets
+    ``out[key] = {"adapter": {name: tensor}, "params": {ids}, "optimizer": {ids}}``."""
+    import threading
+
+    import torch
+
+    parallel: dict = {}
+    threads = [threading.Thread(target=train, args=(key, data, steps, parallel)) for key, data in datasets.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    a, b = datasets
+    for key in datasets:
+        assert parallel[key]["optimizer"] == parallel[key]["params"]  # each optimizer: its own adapter only
+    assert not parallel[a]["params"] & parallel[b]["params"]
+    for key, data in datasets.items():
+        alone: dict = {}
+        train(key, data, steps, alone)
+        for name, tensor in parallel[key]["adapter"].items():
+            assert torch.equal(alone[key]["adapter"][name], tensor), (key, name)
+
 
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory):

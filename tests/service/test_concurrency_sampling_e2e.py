@@ -1,17 +1,12 @@
 """Concurrency (two sessions in parallel, the one-unit fairness bound) and sampling parameters."""
 
 import math
-import threading
 import time
 
 import pytest
-import torch
 
 from losskit.client import TinkerClient
-from tests.service.conftest import internal_id
-
-DATA_A = [list(b"model A learns about foxes."), list(b"and about lazy dogs")]
-DATA_B = [list(b"B trains on other text entirely!"), list(b"numbers 0123456789")]
+from tests.service.conftest import DATA_A, DATA_B, check_parallel_equals_alone, internal_id
 
 
 def _train(server, alias, data, steps, out):
@@ -33,21 +28,8 @@ def _train(server, alias, data, steps, out):
 
 @pytest.mark.slow
 def test_two_sessions_in_parallel_equal_training_alone(server):
-    parallel: dict = {}
-    threads = [threading.Thread(target=_train, args=(server, alias, data, 10, parallel))
-               for alias, data in (("a", DATA_A), ("b", DATA_B))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    for alias in "ab":
-        assert parallel[alias]["optimizer"] == parallel[alias]["params"]  # each optimizer: its own adapter only
-    assert not parallel["a"]["params"] & parallel["b"]["params"]
-    for alias, data in (("a", DATA_A), ("b", DATA_B)):
-        alone: dict = {}
-        _train(server, alias, data, 10, alone)
-        for key, tensor in parallel[alias]["adapter"].items():
-            assert torch.equal(alone[alias]["adapter"][key], tensor), (alias, key)
+    check_parallel_equals_alone(lambda alias, data, steps, out: _train(server, alias, data, steps, out),
+                                {"a": DATA_A, "b": DATA_B})
 
 
 def test_one_model_waits_at_most_a_unit(start_server):

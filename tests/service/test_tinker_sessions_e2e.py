@@ -4,17 +4,16 @@ and concurrency: two SDK clients training in parallel equal training alone, and 
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
-import torch
 from tinker._client import AsyncTinker
 
+from tests.service.conftest import DATA_A, DATA_B, check_parallel_equals_alone
 from tests.service.tinker_sdk import service_client, shifted, tinker, training_client, types
 
-DATA_A = [shifted(list(b"model A learns about foxes.")), shifted(list(b"and about lazy dogs"))]
-DATA_B = [shifted(list(b"B trains on other text entirely!")), shifted(list(b"numbers 0123456789"))]
+#: The two models' data, pre-shifted as the SDK takes it.
+SDK_DATA = {"a": [shifted(t) for t in DATA_A], "b": [shifted(t) for t in DATA_B]}
 
 
 def test_session_lifecycle_through_the_sdk(server):
@@ -68,21 +67,8 @@ def _train(url, engine, data, steps, out, key):
 
 
 def test_two_sdk_clients_in_parallel_equal_training_alone(server):
-    parallel: dict = {}
-    threads = [threading.Thread(target=_train, args=(server.url, server.engine, data, 10, parallel, key))
-               for key, data in (("a", DATA_A), ("b", DATA_B))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    for key in "ab":
-        assert parallel[key]["optimizer"] == parallel[key]["params"]  # each optimizer: its own adapter only
-    assert not parallel["a"]["params"] & parallel["b"]["params"]
-    for key, data in (("a", DATA_A), ("b", DATA_B)):
-        alone: dict = {}
-        _train(server.url, server.engine, data, 10, alone, key)
-        for name, tensor in parallel[key]["adapter"].items():
-            assert torch.equal(alone[key]["adapter"][name], tensor), (key, name)
+    check_parallel_equals_alone(lambda key, data, steps, out: _train(server.url, server.engine, data, steps, out, key),
+                                SDK_DATA)
 
 
 def test_one_model_waits_at_most_a_unit(start_server):

@@ -7,18 +7,7 @@ import pytest
 import torch
 
 from losskit.client import RequestFailed
-from tests.service.conftest import internal_id
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Loss functions shape what a model learns.",
-    "A small language model fits on a laptop.",
-    "Gradients flow backwards through the graph.",
-    "Every token counts in a cross entropy sum.",
-    "LoRA adapters train a few parameters only.",
-    "The optimizer keeps two moments per weight.",
-    "Sampling draws one token after another.",
-]
+from tests.service.conftest import SENTENCES, internal_id
 
 
 def tokens(text: str) -> list[int]:

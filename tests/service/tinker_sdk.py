@@ -14,16 +14,7 @@ import tinker
 import torch
 from tinker import types
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Loss functions shape what a model learns.",
-    "A small language model fits on a laptop.",
-    "Gradients flow backwards through the graph.",
-    "Every token counts in a cross entropy sum.",
-    "LoRA adapters train a few parameters only.",
-    "The optimizer keeps two moments per weight.",
-    "Sampling draws one token after another.",
-]
+from tests.service.conftest import SENTENCES
 
 
 @contextlib.contextmanager
