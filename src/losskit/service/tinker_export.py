@@ -29,7 +29,13 @@ from losskit.service.errors import ServiceError
 from losskit.service.models import ModelRegistry, set_offline_environment
 from losskit.service.settings import make_settings
 from losskit.service.snapshots import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from losskit.train.export import TINKER_SCHEME, build_parser, export_from_args, normal_permissions
+from losskit.train.export import (
+    EXPORT_FILES,
+    TINKER_SCHEME,
+    build_parser,
+    export_from_args,
+    normal_permissions,
+)
 
 EXPORT_INFO = "losskit_export.json"
 
@@ -89,9 +95,8 @@ def export_checkpoint(path: str, out_dir: str | pathlib.Path, *, state_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, trust_remote_code=False)
-    written = [pathlib.Path(p) for p in tokenizer.save_pretrained(out)]
-    written += [p for pattern in ("config.json", "generation_config.json", "model*.safetensors",
-                                  "model.safetensors.index.json") for p in out.glob(pattern)]
+    written = {pathlib.Path(p) for p in tokenizer.save_pretrained(out)}  # the base tokenizer's own file set
+    written |= {p for pattern in EXPORT_FILES for p in out.glob(pattern)}
     record = {"source": cp.uri, "base_model": source.name, "checkpoint_seq_id": meta.get("seq_id"),
               "adapter_sha256": hashlib.sha256(files[ADAPTER_WEIGHTS]).hexdigest(), "merged": True,
               "dtype": str(dtype).removeprefix("torch.")}
