@@ -304,6 +304,18 @@ def check_finite_logits(
             )
 
 
+def explain_bad_rows(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *, smoothing_support: torch.Tensor | None = None
+) -> None:
+    """Raise the first specific ``LossInputError`` of a batch found bad: a valid target outside ``[0, V)``
+    (``check_target_range``), then a non-finite logit (``check_finite_logits``). Returns if neither applies.
+
+    The one explanation every fused loss gives after its single host read said "bad"; it reads values.
+    """
+    check_target_range(target, valid, logits.shape[-1])
+    check_finite_logits(logits, target, valid, smoothing_support=smoothing_support)
+
+
 def check_ignore_index(ignore_index: Any) -> None:
     """Raise ``LossInputError`` unless ``ignore_index`` is an integer (not a bool) or None."""
     if ignore_index is not None and (

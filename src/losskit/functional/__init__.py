@@ -5,36 +5,10 @@
 ``functional.cross_entropy``. Other submodules (policy, diffusion, temporal) are imported by name.
 """
 
-from losskit.functional.cross_entropy import (
-    check_label_smoothing,
-    check_z_loss,
-    cross_entropy,
-    entropy,
-    exclude_ids,
-    smoothing_support,
-    wrong_answer_entropy,
-)
-from losskit.functional.reduce import (
-    masked_mean,
-    masked_sum,
-    normalizer,
-    sequence_mean,
-    step_counts,
-    warn_empty,
-)
+import losskit.functional.cross_entropy as _cross_entropy_module
+import losskit.functional.reduce as _reduce_module
+from losskit.functional.cross_entropy import *
+from losskit.functional.reduce import *
 
-__all__ = [
-    "check_label_smoothing",
-    "check_z_loss",
-    "cross_entropy",
-    "entropy",
-    "exclude_ids",
-    "masked_mean",
-    "masked_sum",
-    "normalizer",
-    "sequence_mean",
-    "smoothing_support",
-    "step_counts",
-    "warn_empty",
-    "wrong_answer_entropy",
-]
+# The public names are the two submodules' own lists (each kept where its functions are).
+__all__ = _cross_entropy_module.__all__ + _reduce_module.__all__

@@ -36,10 +36,9 @@ from losskit.contract import (
     LossInputError,
     StepCounts,
     check_choice,
-    check_finite_logits,
     check_ignore_index,
     check_logits_target,
-    check_target_range,
+    explain_bad_rows,
     validity_mask,
 )
 from losskit.functional.reduce import check_once, masked_mean, masked_sum
@@ -268,8 +267,7 @@ def _check_values(
     if support is not None:
         bad = bad | ((rows == _NEG_INF) & support[None, :]).any(dim=1)
     def explain() -> None:
-        check_target_range(target, valid, num_classes)
-        check_finite_logits(logits, target, valid, smoothing_support=support)
+        explain_bad_rows(logits, target, valid, smoothing_support=support)
 
     check_once((bad & vflat).any(), vflat.sum(), explain, stacklevel=3)
 

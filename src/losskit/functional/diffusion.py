@@ -20,79 +20,18 @@ from typing import Any
 
 import torch
 
+import losskit.functional.diffusion_sangoi as _sangoi_module
+import losskit.functional.diffusion_schedules as _schedules_module
+import losskit.functional.diffusion_weights as _weights_module
 from losskit.contract import LossInputError, check_choice
-from losskit.functional.diffusion_sangoi import (
-    sangoi_mape,
-    sangoi_relative_error,
-    sangoi_weight,
-    sangoi_weight_from_mape,
-)
-from losskit.functional.diffusion_schedules import (
-    alphas_cumprod_from_betas,
-    cosine_betas,
-    edm_log_snr,
-    flow_log_snr,
-    flow_shift,
-    flow_snr,
-    linear_betas,
-    log_snr_from_alphas_cumprod,
-    log_snr_from_snr,
-    rescale_zero_terminal_snr,
-    scaled_linear_betas,
-    snr_from_alphas_cumprod,
-    snr_from_log_snr,
-)
-from losskit.functional.diffusion_weights import (
-    CONVENTIONS,
-    PREDICTION_TYPES,
-    SCHEMES,
-    SNR_GUARD,
-    _warn_once,
-    canonical_prediction_type,
-    check_convention,
-    constant_weight,
-    debiased_weight,
-    edm_weight,
-    min_snr_weight,
-    p2_weight,
-    sd3_cosmap_weight,
-    sd3_sigma_sqrt_weight,
-)
+from losskit.functional.diffusion_sangoi import *
+from losskit.functional.diffusion_schedules import *
+from losskit.functional.diffusion_weights import *
+from losskit.functional.diffusion_weights import _warn_once
 
-__all__ = [
-    "CONVENTIONS",
-    "PREDICTION_TYPES",
-    "SCHEMES",
-    "SNR_GUARD",
-    "alphas_cumprod_from_betas",
-    "canonical_prediction_type",
-    "check_convention",
-    "constant_weight",
-    "cosine_betas",
-    "debiased_weight",
-    "edm_log_snr",
-    "edm_weight",
-    "flow_log_snr",
-    "flow_shift",
-    "flow_snr",
-    "linear_betas",
-    "log_snr_from_alphas_cumprod",
-    "log_snr_from_snr",
-    "loss_weight",
-    "min_snr_weight",
-    "p2_weight",
-    "rescale_zero_terminal_snr",
-    "sangoi_loss_modifier",
-    "sangoi_mape",
-    "sangoi_relative_error",
-    "sangoi_weight",
-    "sangoi_weight_from_mape",
-    "scaled_linear_betas",
-    "sd3_cosmap_weight",
-    "sd3_sigma_sqrt_weight",
-    "snr_from_alphas_cumprod",
-    "snr_from_log_snr",
-]
+# The public face: this module's two functions and the three submodules' own lists.
+__all__ = ["loss_weight", "sangoi_loss_modifier"]
+__all__ += _schedules_module.__all__ + _weights_module.__all__ + _sangoi_module.__all__
 
 _COMMON = ("snr_clamp_min", "snr_clamp_max", "dtype")
 # The keyword parameters each scheme takes through loss_weight (besides prediction_type/convention).

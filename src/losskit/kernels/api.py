@@ -28,8 +28,7 @@ from losskit.contract import (
     StepCounts,
     TokenStats,
     check_choice,
-    check_finite_logits,
-    check_target_range,
+    explain_bad_rows,
 )
 from losskit.functional.reduce import check_once
 from losskit.functional.reduce import normalizer as reduce_normalizer
@@ -206,9 +205,8 @@ def _check(c: calls.Call, target: torch.Tensor, bad: torch.Tensor, stacklevel: i
 
     def explain() -> None:
         valid = c.prep.valid.reshape(c.prep.lead_shape)
-        check_target_range(target, valid, c.prep.num_classes)
         support = c.prep.support.indicator.bool() if c.smoothing.eps_t is not None else None
-        check_finite_logits(c.logits, target, valid, smoothing_support=support)
+        explain_bad_rows(c.logits, target, valid, smoothing_support=support)
 
     check_once(bad.any(), c.prep.valid.sum(), explain, stacklevel=stacklevel)
 

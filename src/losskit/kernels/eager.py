@@ -12,7 +12,20 @@ import torch
 
 from losskit.contract import LossInputError
 
-__all__ = ["check_once_differentiable", "keep_for_weight_grad", "take_grad", "weight_grad"]
+__all__ = [
+    "NO_GRADS",
+    "begin_backward",
+    "check_once_differentiable",
+    "end_forward",
+    "grads",
+    "keep_for_weight_grad",
+    "take_grad",
+    "weight_grad",
+]
+
+# What an eager Function's backward returns for its (logits, token_weight, normalizer, opts) inputs when the
+# loss received no gradient.
+NO_GRADS = (None, None, None, None)
 
 _SECOND_BACKWARD_MESSAGE = (
     'fused_token_loss(grad_mode="forward") wrote its gradient in the forward and released it at the first '
@@ -45,6 +58,31 @@ def keep_for_weight_grad(ctx, token_weight, token_loss: torch.Tensor, valid: tor
     if ctx.has_weight_grad:
         ctx.token_loss, ctx.valid, ctx.normalizer = token_loss, valid, normalizer
         ctx.weight_meta = (token_weight.shape, token_weight.dtype)
+
+
+def end_forward(ctx, grad: torch.Tensor, grad_scale, token_weight, valid: torch.Tensor, normalizer,
+                loss: torch.Tensor, token_loss: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple:
+    """The end of every eager forward: keep the written gradient ``grad`` (for an upstream of ``grad_scale``)
+    and what ``weight_grad`` needs, mark the statistics non-differentiable, and return
+    ``(loss, token_loss, *outputs)``."""
+    ctx.grad = grad
+    ctx.grad_scale = grad_scale
+    keep_for_weight_grad(ctx, token_weight, token_loss, valid, normalizer)
+    ctx.mark_non_differentiable(token_loss, *outputs)
+    return (loss, token_loss, *outputs)
+
+
+def begin_backward(ctx, impl: str, g_loss: torch.Tensor | None) -> torch.Tensor | None:
+    """The start of every eager backward: refuse double backward, take the forward's gradient buffer (once),
+    and return it; None when the loss got no upstream gradient (the backward then returns ``NO_GRADS``)."""
+    check_once_differentiable(impl)
+    grad = take_grad(ctx)
+    return None if g_loss is None else grad
+
+
+def grads(ctx, grad: torch.Tensor, g_loss: torch.Tensor) -> tuple:
+    """What an eager backward returns once ``grad`` holds the logits' gradient for ``g_loss``."""
+    return (grad if ctx.needs_input_grad[0] else None), weight_grad(ctx, g_loss), None, None
 
 
 def weight_grad(ctx, g_loss: torch.Tensor) -> torch.Tensor | None:

@@ -39,10 +39,9 @@ from losskit.contract import (
     ConfigError,
     LossInputError,
     StepCounts,
-    check_finite_logits,
     check_ignore_index,
     check_logits_target,
-    check_target_range,
+    explain_bad_rows,
     validity_mask,
 )
 from losskit.functional import reduce
@@ -422,9 +421,7 @@ class LossModifierPipeline:
 
     @staticmethod
     def _raise_bad(logits, targets, valid, mods) -> None:
-        num_classes = logits.shape[-1]
-        check_target_range(targets, valid, num_classes)
-        check_finite_logits(logits, targets, valid)
+        explain_bad_rows(logits, targets, valid)
         for m in mods:
             m.explain_bad(logits, targets, valid)
         raise LossInputError("logits: non-finite statistics (NaN/inf) in valid rows; expected finite values")

@@ -205,20 +205,15 @@ class FusedTokenLossFunction(torch.autograd.Function):
             loss = loss / normalizer.to(dt)
         if opts.inplace:
             torch.autograd.graph.increment_version(logits)
-        ctx.grad = out
-        ctx.grad_scale = opts.grad_scale
-        eager.keep_for_weight_grad(ctx, token_weight, token_loss, valid, normalizer)
-        outs = (token_loss, *f.outputs())
-        ctx.mark_non_differentiable(*outs)
-        return (loss, *outs)
+        return eager.end_forward(ctx, out, opts.grad_scale, token_weight, valid, normalizer, loss, token_loss,
+                                 f.outputs())
 
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_loss, *_):
-        eager.check_once_differentiable("chunked")
-        grad = eager.take_grad(ctx)
-        if g_loss is None:
-            return None, None, None, None
+        grad = eager.begin_backward(ctx, "chunked", g_loss)
+        if grad is None:
+            return eager.NO_GRADS
         expected = _host_scalar(ctx.grad_scale)
         actual = _host_scalar(g_loss)
         if expected is not None and actual is not None:
@@ -230,4 +225,4 @@ class FusedTokenLossFunction(torch.autograd.Function):
                 ctx.grad_scale if isinstance(ctx.grad_scale, torch.Tensor) else torch.tensor(ctx.grad_scale)
             )
             grad.mul_((g_loss / scale.to(device=g_loss.device, dtype=g_loss.dtype)).to(grad.dtype))
-        return (grad if ctx.needs_input_grad[0] else None), eager.weight_grad(ctx, g_loss), None, None
+        return eager.grads(ctx, grad, g_loss)

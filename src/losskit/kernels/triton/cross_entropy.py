@@ -163,11 +163,6 @@ def fused_loss_bwd(
     return grad
 
 
-def _outputs(f: StatFields) -> tuple[torch.Tensor, ...]:
-    """The fields in declaration order: 8 floats (``TokenStats.FLOAT_FIELDS``), argmax, correct, bad."""
-    return tuple(getattr(f, fld.name) for fld in dataclasses.fields(f))
-
-
 class TokenStatsFunction(torch.autograd.Function):
     """Deferred mode: the forward streams the statistics and saves row constants; the backward is one pass.
 
@@ -183,7 +178,7 @@ class TokenStatsFunction(torch.autograd.Function):
         ctx.prep, ctx.cfg, ctx.inplace = prep, cfg, inplace
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(f.argmax, f.correct, f.bad)
-        return _outputs(f)
+        return f.outputs()
 
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
@@ -229,21 +224,16 @@ class FusedTokenLossFunction(torch.autograd.Function):
             logits, token_weight, prep, opts.smoothing, opts.z_loss, normalizer, opts.grad_scale,
             inplace=opts.inplace, config=cfg,
         )
-        ctx.grad = grad
-        ctx.grad_scale = opts.grad_scale
         ctx.cfg = cfg
-        eager.keep_for_weight_grad(ctx, token_weight, token_loss, prep.valid, normalizer)
-        outs = (token_loss, *_outputs(f))
-        ctx.mark_non_differentiable(*outs)
-        return (loss, *outs)
+        return eager.end_forward(ctx, grad, opts.grad_scale, token_weight, prep.valid, normalizer, loss, token_loss,
+                                 f.outputs())
 
     @staticmethod
     @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
     def backward(ctx, g_loss, *_):
-        eager.check_once_differentiable("triton")
-        grad = eager.take_grad(ctx)
-        if g_loss is None:
-            return None, None, None, None
+        grad = eager.begin_backward(ctx, "triton", g_loss)
+        if grad is None:
+            return eager.NO_GRADS
         if ctx.needs_input_grad[0]:
             fused_loss_bwd(grad, g_loss, ctx.grad_scale, ctx.cfg)
-        return (grad if ctx.needs_input_grad[0] else None), eager.weight_grad(ctx, g_loss), None, None
+        return eager.grads(ctx, grad, g_loss)
