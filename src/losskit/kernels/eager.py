@@ -1,31 +1,25 @@
-"""What every eager-mode autograd Function (``chunked`` and ``triton``) shares: the once-differentiable guard,
-the hand-over of the gradient written in the forward, and the gradient of ``token_weight``.
+"""What every eager-mode autograd Function (``chunked`` and ``triton``) shares: the end of its forward, its
+whole backward (the once-differentiable guard, the hand-over of the gradient written in the forward, the rescale
+to the upstream) and the gradient of ``token_weight``.
 
 Eager mode writes G for an upstream of ``grad_scale`` during the forward and gives that one buffer to autograd
-at the first backward; the gradient of a ``token_weight`` that requires grad is
-``upstream·(CE_ε + λ·lse²)/normalizer`` at valid rows, 0 elsewhere.
+at the first backward, rescaled by the implementation's own ``rescale`` when the upstream differs; the gradient
+of a ``token_weight`` that requires grad is ``upstream·(CE_ε + λ·lse²)/normalizer`` at valid rows, 0 elsewhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from losskit.contract import LossInputError
 
-__all__ = [
-    "NO_GRADS",
-    "begin_backward",
-    "check_once_differentiable",
-    "end_forward",
-    "grads",
-    "keep_for_weight_grad",
-    "take_grad",
-    "weight_grad",
-]
+__all__ = ["backward", "check_once_differentiable", "end_forward", "take_grad", "weight_grad"]
 
-# What an eager Function's backward returns for its (logits, token_weight, normalizer, opts) inputs when the
-# loss received no gradient.
-NO_GRADS = (None, None, None, None)
+# Rescales the written gradient G (for an upstream of ``grad_scale``) in place to the upstream ``g_loss``.
+Rescale = Callable[[Any, torch.Tensor, torch.Tensor], None]
 
 _SECOND_BACKWARD_MESSAGE = (
     'fused_token_loss(grad_mode="forward") wrote its gradient in the forward and released it at the first '
@@ -60,11 +54,12 @@ def keep_for_weight_grad(ctx, token_weight, token_loss: torch.Tensor, valid: tor
         ctx.weight_meta = (token_weight.shape, token_weight.dtype)
 
 
-def end_forward(ctx, grad: torch.Tensor, grad_scale, token_weight, valid: torch.Tensor, normalizer,
-                loss: torch.Tensor, token_loss: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple:
-    """The end of every eager forward: keep the written gradient ``grad`` (for an upstream of ``grad_scale``)
-    and what ``weight_grad`` needs, mark the statistics non-differentiable, and return
+def end_forward(ctx, impl: str, rescale: Rescale, grad: torch.Tensor, grad_scale, token_weight, valid: torch.Tensor,
+                normalizer, loss: torch.Tensor, token_loss: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple:
+    """The end of every eager forward: keep the written gradient ``grad`` (for an upstream of ``grad_scale``),
+    how ``backward`` rescales it, and what ``weight_grad`` needs; mark the statistics non-differentiable; return
     ``(loss, token_loss, *outputs)``."""
+    ctx.impl, ctx.rescale = impl, rescale
     ctx.grad = grad
     ctx.grad_scale = grad_scale
     keep_for_weight_grad(ctx, token_weight, token_loss, valid, normalizer)
@@ -72,17 +67,18 @@ def end_forward(ctx, grad: torch.Tensor, grad_scale, token_weight, valid: torch.
     return (loss, token_loss, *outputs)
 
 
-def begin_backward(ctx, impl: str, g_loss: torch.Tensor | None) -> torch.Tensor | None:
-    """The start of every eager backward: refuse double backward, take the forward's gradient buffer (once),
-    and return it; None when the loss got no upstream gradient (the backward then returns ``NO_GRADS``)."""
-    check_once_differentiable(impl)
+@torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
+def backward(ctx, g_loss: torch.Tensor | None, *_) -> tuple:
+    """The backward of every eager Function with inputs ``(logits, token_weight, normalizer, opts)``: refuse
+    double backward, take the forward's gradient once, rescale it to ``g_loss`` and add ``token_weight``'s."""
+    check_once_differentiable(ctx.impl)
     grad = take_grad(ctx)
-    return None if g_loss is None else grad
-
-
-def grads(ctx, grad: torch.Tensor, g_loss: torch.Tensor) -> tuple:
-    """What an eager backward returns once ``grad`` holds the logits' gradient for ``g_loss``."""
-    return (grad if ctx.needs_input_grad[0] else None), weight_grad(ctx, g_loss), None, None
+    if g_loss is None:
+        return None, None, None, None
+    if not ctx.needs_input_grad[0]:
+        return None, weight_grad(ctx, g_loss), None, None
+    ctx.rescale(ctx, grad, g_loss)
+    return grad, weight_grad(ctx, g_loss), None, None
 
 
 def weight_grad(ctx, g_loss: torch.Tensor) -> torch.Tensor | None:

@@ -130,6 +130,20 @@ def fused_token_terms(f: StatFields, sm: Smoothing, z_loss: float) -> torch.Tens
     return loss
 
 
+def _rescale(ctx, grad: torch.Tensor, g_loss: torch.Tensor) -> None:
+    """``G ← G·g_loss/grad_scale`` in place: skipped when the two agree on the host, one elementwise op (no
+    host read) when either lives on a device."""
+    expected = _host_scalar(ctx.grad_scale)
+    actual = _host_scalar(g_loss)
+    if expected is not None and actual is not None:
+        if actual != expected:
+            grad.mul_(actual / expected)
+        return
+    # Device scalars: one elementwise rescale (exactly ×1 when they agree), no host read.
+    scale = ctx.grad_scale if isinstance(ctx.grad_scale, torch.Tensor) else torch.tensor(ctx.grad_scale)
+    grad.mul_((g_loss / scale.to(device=g_loss.device, dtype=g_loss.dtype)).to(grad.dtype))
+
+
 def _host_scalar(x) -> float | None:
     """The value of a float or of a CPU 0-d tensor, read without a device sync; None for device tensors.
 
@@ -205,24 +219,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
             loss = loss / normalizer.to(dt)
         if opts.inplace:
             torch.autograd.graph.increment_version(logits)
-        return eager.end_forward(ctx, out, opts.grad_scale, token_weight, valid, normalizer, loss, token_loss,
-                                 f.outputs())
+        return eager.end_forward(ctx, "chunked", _rescale, out, opts.grad_scale, token_weight, valid, normalizer,
+                                 loss, token_loss, f.outputs())
 
-    @staticmethod
-    @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
-    def backward(ctx, g_loss, *_):
-        grad = eager.begin_backward(ctx, "chunked", g_loss)
-        if grad is None:
-            return eager.NO_GRADS
-        expected = _host_scalar(ctx.grad_scale)
-        actual = _host_scalar(g_loss)
-        if expected is not None and actual is not None:
-            if actual != expected:
-                grad.mul_(actual / expected)
-        else:
-            # Device scalars: one elementwise rescale (exactly ×1 when they agree), no host read.
-            scale = (
-                ctx.grad_scale if isinstance(ctx.grad_scale, torch.Tensor) else torch.tensor(ctx.grad_scale)
-            )
-            grad.mul_((g_loss / scale.to(device=g_loss.device, dtype=g_loss.dtype)).to(grad.dtype))
-        return eager.grads(ctx, grad, g_loss)
+    backward = staticmethod(eager.backward)

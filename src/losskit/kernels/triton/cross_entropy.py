@@ -163,6 +163,11 @@ def fused_loss_bwd(
     return grad
 
 
+def _rescale(ctx, grad: torch.Tensor, g_loss: torch.Tensor) -> None:
+    """``eager.backward``'s rescale: ``fused_loss_bwd`` with the config the forward launched with."""
+    fused_loss_bwd(grad, g_loss, ctx.grad_scale, ctx.cfg)
+
+
 class TokenStatsFunction(torch.autograd.Function):
     """Deferred mode: the forward streams the statistics and saves row constants; the backward is one pass.
 
@@ -225,15 +230,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
             inplace=opts.inplace, config=cfg,
         )
         ctx.cfg = cfg
-        return eager.end_forward(ctx, grad, opts.grad_scale, token_weight, prep.valid, normalizer, loss, token_loss,
-                                 f.outputs())
+        return eager.end_forward(ctx, "triton", _rescale, grad, opts.grad_scale, token_weight, prep.valid, normalizer,
+                                 loss, token_loss, f.outputs())
 
-    @staticmethod
-    @torch.compiler.disable  # runs from loss.backward() inside a compiled step: eager, not traced
-    def backward(ctx, g_loss, *_):
-        grad = eager.begin_backward(ctx, "triton", g_loss)
-        if grad is None:
-            return eager.NO_GRADS
-        if ctx.needs_input_grad[0]:
-            fused_loss_bwd(grad, g_loss, ctx.grad_scale, ctx.cfg)
-        return eager.grads(ctx, grad, g_loss)
+    backward = staticmethod(eager.backward)
