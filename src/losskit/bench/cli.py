@@ -17,6 +17,8 @@ import torch
 from losskit.bench import cross_entropy, env, report
 from losskit.contract import ConfigError
 
+CSV_STEM = "bench_cross_entropy"  # the default CSV is bench_results/<CSV_STEM>_<date>.csv
+
 DEFAULT_CSV_DIR = env.DEFAULT_CSV_DIR
 CPU_FULL_REPS = 5
 
@@ -63,8 +65,7 @@ def build_parser(prog: str = "losskit bench") -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="add max_err: error on the first 64 rows against each entry's fp64 oracle")
     parser.add_argument("--big-vocab", action="store_true", help="GPU: add the report-only N=8192, V=256000 shape")
-    parser.add_argument("--csv", type=pathlib.Path, default=None, metavar="PATH",
-                        help="CSV output path (default bench_results/bench_cross_entropy_<date>.csv)")
+    env.add_csv_option(parser, CSV_STEM)
     parser.add_argument("--reps", type=int, default=None, metavar="N",
                         help="timed repetitions per entry (default: GPU 20, CPU 5)")
     parser.add_argument("--shapes", type=str, default=None, metavar="NxV[,NxV...]",
@@ -95,7 +96,7 @@ def _options(args: argparse.Namespace) -> cross_entropy.Options:
 
 def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
     """``bench_results/bench_cross_entropy_<UTC date and time>.csv``."""
-    return env.dated_csv_path("bench_cross_entropy", now)
+    return env.dated_csv_path(CSV_STEM, now)
 
 
 def main(argv: list[str] | None = None, prog: str = "losskit bench") -> int:

@@ -222,24 +222,23 @@ def _needs_kernels(_device: torch.device) -> str | None:
     return _kernels_missing()
 
 
-def _needs_triton(device: torch.device) -> str | None:
-    missing = _triton_impl_missing()
-    if missing:
-        return missing
-    return None if device.type == "cuda" else "CPU mode (the triton impl runs on CUDA)"
+def _triton_on_cuda(cpu_reason: str) -> Callable[[torch.device], str | None]:
+    """A skip rule: the triton impl must be importable and the device CUDA (else ``cpu_reason``)."""
+
+    def skip(device: torch.device) -> str | None:
+        return _triton_impl_missing() or (None if device.type == "cuda" else f"CPU mode ({cpu_reason})")
+
+    return skip
+
+
+_needs_triton = _triton_on_cuda("the triton impl runs on CUDA")
+_gpu_only = _triton_on_cuda("GPU-only entry")
 
 
 def _needs_liger(device: torch.device) -> str | None:
     if not _module_available("liger_kernel"):
         return "liger_kernel not installed"
     return None if device.type == "cuda" else "CPU mode (liger_kernel needs CUDA)"
-
-
-def _gpu_only(device: torch.device) -> str | None:
-    missing = _triton_impl_missing()
-    if missing:
-        return missing
-    return None if device.type == "cuda" else "CPU mode (GPU-only entry)"
 
 
 def _torch_eager_skip(device: torch.device) -> str | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import os
 import pathlib
 import subprocess
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from losskit.bench import env as bench_env
-from losskit.bench.env import Environment, dated_csv_path, describe
+from losskit.bench.env import Environment, add_csv_option, csv_path, describe
 from losskit.bench.report import text_table
 from losskit.train.sinks import read_metrics
 
@@ -158,9 +157,7 @@ def write_csv(path: pathlib.Path, result: Result, env: Environment, budget_s: fl
         writer.writerow(record)
 
 
-def default_csv_path(now: datetime.datetime | None = None) -> pathlib.Path:
-    """``bench_results/bench_diffusion_train_<UTC date and time>.csv``."""
-    return dated_csv_path("bench_diffusion_train", now)
+CSV_STEM = "bench_diffusion_train"
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -169,27 +166,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         description="Time one default `losskit train --task=diffusion` run end to end (docs/diffusion.md). "
         "Any --key=value not listed below is passed to `losskit train` (e.g. --max_iters=20 for a smoke run).",
     )
-    parser.add_argument(
-        "--csv",
-        type=pathlib.Path,
-        default=None,
-        metavar="PATH",
-        help="CSV output path (default bench_results/bench_diffusion_train_<date>.csv)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=BUDGET_S,
-        metavar="S",
-        help=f"wall-time budget in seconds (default {BUDGET_S:g})",
-    )
-    parser.add_argument(
-        "--keep",
-        type=pathlib.Path,
-        default=None,
-        metavar="DIR",
-        help="run into DIR and keep it (default: a temporary directory, removed afterwards)",
-    )
+    add_csv_option(parser, CSV_STEM)
+    parser.add_argument("--budget", type=float, default=BUDGET_S, metavar="S",
+                        help=f"wall-time budget in seconds (default {BUDGET_S:g})")
+    parser.add_argument("--keep", type=pathlib.Path, default=None, metavar="DIR",
+                        help="run into DIR and keep it (default: a temporary directory, removed afterwards)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the default run misses the budget")
     return parser
 
@@ -213,7 +194,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_diffusion_train.py") 
     env = describe(torch.device("cuda" if use_cuda else "cpu"))
     print()
     print("\n".join(report_lines(result, env, args.budget)))
-    path = args.csv or default_csv_path()
+    path = csv_path(args, CSV_STEM)
     write_csv(path, result, env, args.budget)
     print(f"\nCSV: {path}")
     if result.returncode != 0:

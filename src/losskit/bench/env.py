@@ -7,6 +7,7 @@ never an exception, so a benchmark can run from an installed wheel too.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -79,6 +80,17 @@ def dated_csv_path(stem: str, now: datetime.datetime | None = None) -> pathlib.P
     """``bench_results/<stem>_<UTC date and time>.csv``, the default CSV path of every benchmark."""
     now = now or datetime.datetime.now(datetime.UTC)
     return DEFAULT_CSV_DIR / f"{stem}_{now.strftime('%Y-%m-%dT%H%M%SZ')}.csv"
+
+
+def add_csv_option(parser: argparse.ArgumentParser, stem: str) -> None:
+    """Every benchmark's ``--csv PATH`` (unset: ``dated_csv_path(stem)``, which ``csv_path`` resolves)."""
+    parser.add_argument("--csv", type=pathlib.Path, default=None, metavar="PATH",
+                        help=f"CSV output path (default {DEFAULT_CSV_DIR}/{stem}_<date>.csv)")
+
+
+def csv_path(args: argparse.Namespace, stem: str) -> pathlib.Path:
+    """``--csv`` if given, else a new dated path for ``stem``."""
+    return args.csv or dated_csv_path(stem)
 
 
 def describe(device: torch.device) -> Environment:

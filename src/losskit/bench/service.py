@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import pathlib
 import signal
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from losskit.bench.env import dated_csv_path, describe
+from losskit.bench.env import add_csv_option, csv_path, describe
 from losskit.bench.report import text_table
 
 OVERHEAD_TARGET = 0.10
@@ -195,7 +194,7 @@ def main(argv: Sequence[str], prog: str = "bench_service.py") -> int:
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="the server's torch threads (0: physical cores; 1 helps on a machine shared with other "
                         "CPU-bound jobs)")
-    parser.add_argument("--csv", type=pathlib.Path, default=None, help="CSV path (default bench_results/service_<date>.csv)")
+    add_csv_option(parser, "service")
     args = parser.parse_args(list(argv))
     import torch
 
@@ -227,7 +226,7 @@ def main(argv: Sequence[str], prog: str = "bench_service.py") -> int:
     print(f"{env.device}, torch {env.torch}, commit {env.git_commit}, {env.date}, 1-min load average {load_avg:.2f}, "
           f"server threads {args.cpu_threads or 'physical cores'}")
     print(text_table(("metric", "value", "unit", "detail"), rows))
-    path = args.csv or dated_csv_path("service")
+    path = csv_path(args, "service")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
