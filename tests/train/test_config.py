@@ -16,6 +16,7 @@ from losskit.train.config import (
     NumThreadsConfig,
     StepScheduleConfig,
     TemporalTrainConfig,
+    own_default,
     task_keys,
     train_config_to_dict,
 )
@@ -133,3 +134,23 @@ def test_every_key_has_its_task_default_and_help():
     assert DiffusionTrainConfig().loss_modifiers_enabled is True and LMTrainConfig().loss_modifiers_enabled is False
     assert TemporalTrainConfig().num_threads == 1 and DiffusionTrainConfig().num_threads == 1
     assert (TemporalTrainConfig().seed, DiffusionTrainConfig().seed, LMTrainConfig().seed) == (0, 1337, 1337)
+
+
+def test_a_task_default_keeps_the_groups_help_and_range_unless_it_says_otherwise():
+    @dataclasses.dataclass(frozen=True)
+    class Short(StepScheduleConfig, CommonTrainConfig):
+        max_iters: int = own_default(StepScheduleConfig, "max_iters", 7)
+        batch_size: int = own_default(CommonTrainConfig, "batch_size", 3, "rows per batch")
+
+    fields = task_keys(Short)
+    base = task_keys(StepScheduleConfig)["max_iters"].metadata
+    assert Short().max_iters == 7 and Short().batch_size == 3
+    assert fields["max_iters"].metadata["help"] == base["help"]
+    assert fields["batch_size"].metadata["help"] == "rows per batch"
+    assert fields["batch_size"].metadata["constraint"] == "> 0"
+    with pytest.raises(ConfigError, match="batch_size must be > 0, got 0"):
+        build_train_config({"task": "temporal", "batch_size": 0})
+    with pytest.raises(ConfigError, match="max_iters must be >= 0, got -2"):
+        build_train_config({"task": "diffusion", "max_iters": -2})
+    # The diffusion task decays every parameter, so it says so instead of the lm's "(matrices only)".
+    assert "all parameters" in task_keys(DiffusionTrainConfig)["weight_decay"].metadata["help"]

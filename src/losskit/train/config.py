@@ -44,6 +44,7 @@ __all__ = [
     "key",
     "key_kind",
     "modifier_keys",
+    "own_default",
     "task_keys",
     "train_config_to_dict",
 ]
@@ -55,6 +56,14 @@ def key(default: Any, help: str, *, choices: tuple = (), check: Callable[[Any], 
     meta = {"help": help, "choices": choices, "check": check, "constraint": constraint}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def own_default(group: type, name: str, default: Any, help: str | None = None) -> Any:
+    """A task's own default for the key ``name`` of ``group``: the group's help line (unless ``help`` says
+    what the key means in this task), kind and range, declared once there."""
+    meta = dict(group.__dataclass_fields__[name].metadata)
+    meta["help"] = help or meta["help"]
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -249,11 +258,11 @@ class TemporalTrainConfig(NumThreadsConfig, CommonTrainConfig):
     """Task `temporal` (docs/temporal.md): the recurrent digits network with energy loss (``losskit.train.temporal``);
     Adam at a constant rate, one pass over the training digits per epoch."""
 
-    task: str = key("temporal", "training task: 'lm', 'temporal' or 'diffusion'")
-    batch_size: int = key(64, "images per batch", **_POS)
-    learning_rate: float = key(3e-3, "Adam learning rate", **_POS)
-    seed: int = key(0, "random seed")
-    device: str = key("cpu", "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N', 'mps'")
+    task: str = own_default(CommonTrainConfig, "task", "temporal")
+    batch_size: int = own_default(CommonTrainConfig, "batch_size", 64, "images per batch")
+    learning_rate: float = own_default(CommonTrainConfig, "learning_rate", 3e-3, "Adam learning rate")
+    seed: int = own_default(CommonTrainConfig, "seed", 0, "random seed")
+    device: str = own_default(CommonTrainConfig, "device", "cpu")
     epochs: int = key(30, "training epochs", **_POS)
     n_timesteps: int = key(8, "timesteps per presentation", **_POS)
     pattern: str = key("1011", "presentation pattern of stimulus (1) and null (0) steps")
@@ -274,15 +283,16 @@ class DiffusionTrainConfig(modifier_keys(_SNR, loss_modifiers_enabled=True), Num
     """Task `diffusion` (docs/diffusion.md): an MLP denoiser on the digits with SNR loss weightings
     (``losskit.train.diffusion``); the master switch is on, so ``--loss_weighting=NAME`` alone selects one."""
 
-    task: str = key("diffusion", "training task: 'lm', 'temporal' or 'diffusion'")
-    batch_size: int = key(128, "images per batch", **_POS)
-    learning_rate: float = key(2e-3, "AdamW learning rate", **_POS)
-    weight_decay: float = key(0.0, "AdamW weight decay", **_NONNEG)
-    warmup_iters: int = key(100, "linear warmup steps", **_NONNEG)
-    min_lr: float = key(0.0, "learning rate at the end of the cosine decay", **_NONNEG)
-    max_iters: int = key(3000, "optimizer steps", **_NONNEG)
-    log_interval: int = key(100, "bucket metrics and console line interval", **_POS)
-    eval_interval: int = key(1000, "eval x0-MSE interval (also at step 0 and the end)", **_POS)
+    task: str = own_default(CommonTrainConfig, "task", "diffusion")
+    batch_size: int = own_default(CommonTrainConfig, "batch_size", 128, "images per batch")
+    learning_rate: float = own_default(CommonTrainConfig, "learning_rate", 2e-3, "AdamW learning rate")
+    weight_decay: float = own_default(StepScheduleConfig, "weight_decay", 0.0, "AdamW weight decay (all parameters)")
+    warmup_iters: int = own_default(StepScheduleConfig, "warmup_iters", 100)
+    min_lr: float = own_default(StepScheduleConfig, "min_lr", 0.0)
+    max_iters: int = own_default(StepScheduleConfig, "max_iters", 3000, "optimizer steps")
+    log_interval: int = own_default(StepScheduleConfig, "log_interval", 100, "bucket metrics and console line interval")
+    eval_interval: int = own_default(StepScheduleConfig, "eval_interval", 1000,
+                                     "eval x0-MSE interval (also at step 0 and the end)")
     schedule: str = key("cosine", "noise schedule", choices=("cosine", "linear", "scaled_linear", "flow"))
     num_timesteps: int = key(1000, "diffusion timesteps T", **_POS)
     zero_terminal_snr: bool = key(False, "rescale the VP schedule to SNR 0 at t = T-1")
