@@ -181,9 +181,13 @@ def make_router(service: Service) -> APIRouter:
         fut, sess = await run_in_threadpool(submit)
         return hand_out(fut, sess, model_id=body.model_id)
 
-    def created_once(request: Request, sess, rec: TinkerSession, body: Any, make: Callable[[str], Future]):
-        """Create model ``body.model_seq_id`` of ``sess`` with ``make(model_id)``, once: a resend of the same body
-        gets the first request's future, a different body with that ``model_seq_id`` is ``seq_conflict``."""
+    def created_once(request: Request, body: Any, make: Callable[[Any, str], Future]):
+        """Create model ``body.model_seq_id`` of session ``body.session_id`` with ``make(session, model_id)``, once:
+        a resend of the same body gets the first request's future, a different body with that ``model_seq_id`` is
+        ``seq_conflict``. ``body.optimizer_config`` must be AdamW (or unset). Returns ``(future, session, model_id)``."""
+        sess = session(request, body.session_id)
+        rec = record(sess)
+        check_adam_config(body.optimizer_config)
         if body.model_seq_id < 0:
             raise ServiceError("validation_error", f"model_seq_id must be >= 0, got {body.model_seq_id}",
                                detail={"argument": "model_seq_id"})
@@ -197,7 +201,7 @@ def make_router(service: Service) -> APIRouter:
                     raise ServiceError("seq_conflict", f"model_seq_id {body.model_seq_id} already created model "
                                        f"{model_id} with a different request")
                 return engine.futures.get(rid, sess.id), sess, model_id
-            fut = make(model_id)
+            fut = make(sess, model_id)
             rec.models[body.model_seq_id] = (fut.request_id, digest)
             return fut, sess, model_id
 
@@ -304,21 +308,14 @@ def make_router(service: Service) -> APIRouter:
     async def create_model(request: Request):
         body = await body_of(request, T.CreateModelRequest)
 
-        def submit():
-            sess = session(request, body.session_id)
-            rec = record(sess)
-            check_adam_config(body.optimizer_config)
+        def make(sess, model_id: str) -> Future:
+            lora = body.lora_config or T.LoraConfig(rank=32)
+            spec = LoraSpec.make(lora.rank, lora.seed, lora.train_attn, lora.train_mlp, lora.train_unembed)
+            return service.create_model(sess, model_id, body.base_model, spec,
+                                        json_encoder(lambda v: T.CreateModelResponse(model_id=v["model_id"])),
+                                        user_metadata=body.user_metadata)
 
-            def make(model_id: str) -> Future:
-                lora = body.lora_config or T.LoraConfig(rank=32)
-                spec = LoraSpec.make(lora.rank, lora.seed, lora.train_attn, lora.train_mlp, lora.train_unembed)
-                return service.create_model(sess, model_id, body.base_model, spec,
-                                            json_encoder(lambda v: T.CreateModelResponse(model_id=v["model_id"])),
-                                            user_metadata=body.user_metadata)
-
-            return created_once(request, sess, rec, body, make)
-
-        fut, sess, model_id = await run_in_threadpool(submit)
+        fut, sess, model_id = await run_in_threadpool(created_once, request, body, make)
         return hand_out(fut, sess, model_id=model_id)
 
     @router.post("/get_info")
@@ -547,14 +544,11 @@ def make_router(service: Service) -> APIRouter:
             if body.session_id is None or body.model_seq_id is None:
                 raise ServiceError("validation_error", "load_weights needs model_id + seq_id, or session_id + "
                                    "model_seq_id", detail={"argument": "model_id"})
-            sess = session(request, body.session_id)
-            rec = record(sess)
-            check_adam_config(body.optimizer_config)
             if body.optimizer and body.optimizer_config is not None:
                 raise ServiceError("validation_error", "optimizer_config cannot override the optimizer state the "
                                    "load restores (optimizer=true)", detail={"argument": "optimizer_config"})
 
-            def make(model_id: str) -> Future:
+            def make(sess, model_id: str) -> Future:
                 if body.base_model is not None:
                     trained_on = service.checkpoint_run(sess, body.path)["base_model"]
                     if body.base_model != trained_on:
@@ -564,7 +558,7 @@ def make_router(service: Service) -> APIRouter:
                 return service.load_new(sess, body.path, model_id, optimizer=body.optimizer,
                                         encode=json_encoder(reply), user_metadata=body.user_metadata)
 
-            return created_once(request, sess, rec, body, make)
+            return created_once(request, body, make)
 
         fut, sess, model_id = await run_in_threadpool(submit)
         return hand_out(fut, sess, model_id=model_id)
