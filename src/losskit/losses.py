@@ -236,16 +236,13 @@ class CrossEntropyLoss(BaseLoss):
         override = self.reduction == "mean" and num_valid_timesteps is not None
         if self.input_checks == "deferred":
             return self._deferred(logits, target, mask, token_weight, num_valid_timesteps if override else None)
-        loss = kernels.cross_entropy(
-            logits,
-            target,
-            ignore_index=self.ignore_index,
-            mask=mask,
-            token_weight=token_weight,
-            reduction="sum" if override else self.reduction,
-            normalize=self.normalize,
-        )
+        loss = kernels.cross_entropy(logits, target, **self._kernel_inputs(mask, token_weight),
+                                     reduction="sum" if override else self.reduction, normalize=self.normalize)
         return self.apply_reduction(loss, num_valid_timesteps) if override else loss
+
+    def _kernel_inputs(self, mask, token_weight) -> dict:
+        """What both paths hand the kernels besides logits and target."""
+        return {"ignore_index": self.ignore_index, "mask": mask, "token_weight": token_weight}
 
     def _deferred(self, logits, target, mask, token_weight, count) -> torch.Tensor:
         """The no-sync path: ``kernels.fused_token_loss`` with the denominator passed as its normalizer."""
@@ -260,15 +257,8 @@ class CrossEntropyLoss(BaseLoss):
             normalizer = torch.where(positive, denominator, torch.ones_like(denominator))
         else:
             positive, normalizer = None, None
-        fused = kernels.fused_token_loss(
-            logits,
-            target,
-            ignore_index=self.ignore_index,
-            mask=mask,
-            token_weight=token_weight,
-            normalizer=normalizer,
-            reduction="none" if self.reduction == "none" else "sum",
-        )
+        fused = kernels.fused_token_loss(logits, target, **self._kernel_inputs(mask, token_weight), normalizer=normalizer,
+                                         reduction="none" if self.reduction == "none" else "sum")
         loss = fused.loss
         if positive is not None:
             # A zero override count: the seed's s / n would be NaN; give the graph-connected zero instead.
