@@ -184,12 +184,8 @@ def snr_from_alphas_cumprod(
 ) -> torch.Tensor:
     """``SNR = ᾱ/(1 − ᾱ)``: the whole ``[T]`` table, or ``SNR[timesteps]`` (``+∞`` at ``ᾱ = 1``).
 
-    Args:
-        alphas_cumprod: ``[T]`` floating table within ``[0, 1]``.
-        timesteps: optional integer tensor of any shape with values in ``[0, T)``.
-
-    Returns:
-        SNR in the table's dtype, shaped and placed like ``timesteps`` (or ``[T]``).
+    Arguments, dtype, shape and placement as for :func:`log_snr_from_alphas_cumprod`. Plain torch:
+    ``(a / (1 - a))[timesteps]``.
     """
     _check_table(alphas_cumprod)
     return _gather(alphas_cumprod / (1 - alphas_cumprod), timesteps)
