@@ -54,8 +54,9 @@ def keep_for_weight_grad(ctx, token_weight, token_loss: torch.Tensor, valid: tor
         ctx.weight_meta = (token_weight.shape, token_weight.dtype)
 
 
-def end_forward(ctx, impl: str, rescale: Rescale, grad: torch.Tensor, grad_scale, token_weight, valid: torch.Tensor,
-                normalizer, loss: torch.Tensor, token_loss: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple:
+def end_forward(ctx, *, impl: str, rescale: Rescale, grad: torch.Tensor, grad_scale, token_weight,
+                valid: torch.Tensor, normalizer, loss: torch.Tensor, token_loss: torch.Tensor,
+                outputs: tuple[torch.Tensor, ...]) -> tuple:
     """The end of every eager forward: keep the written gradient ``grad`` (for an upstream of ``grad_scale``),
     how ``backward`` rescales it, and what ``weight_grad`` needs; mark the statistics non-differentiable; return
     ``(loss, token_loss, *outputs)``."""

@@ -219,7 +219,8 @@ class FusedTokenLossFunction(torch.autograd.Function):
             loss = loss / normalizer.to(dt)
         if opts.inplace:
             torch.autograd.graph.increment_version(logits)
-        return eager.end_forward(ctx, "chunked", _rescale, out, opts.grad_scale, token_weight, valid, normalizer,
-                                 loss, token_loss, f.outputs())
+        return eager.end_forward(ctx, impl="chunked", rescale=_rescale, grad=out, grad_scale=opts.grad_scale,
+                                 token_weight=token_weight, valid=valid, normalizer=normalizer, loss=loss,
+                                 token_loss=token_loss, outputs=f.outputs())
 
     backward = staticmethod(eager.backward)

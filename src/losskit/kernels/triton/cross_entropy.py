@@ -230,7 +230,8 @@ class FusedTokenLossFunction(torch.autograd.Function):
             inplace=opts.inplace, config=cfg,
         )
         ctx.cfg = cfg
-        return eager.end_forward(ctx, "triton", _rescale, grad, opts.grad_scale, token_weight, prep.valid, normalizer,
-                                 loss, token_loss, f.outputs())
+        return eager.end_forward(ctx, impl="triton", rescale=_rescale, grad=grad, grad_scale=opts.grad_scale,
+                                 token_weight=token_weight, valid=prep.valid, normalizer=normalizer, loss=loss,
+                                 token_loss=token_loss, outputs=f.outputs())
 
     backward = staticmethod(eager.backward)
