@@ -21,6 +21,7 @@ from losskit.contract import (
     check_ignore_index,
     check_logits_target,
     check_target_range,
+    explain_bad_rows,
     validity_mask,
 )
 
@@ -251,3 +252,28 @@ def test_loss_fn_output_defaults():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LossFnOutput(loss=torch.tensor(1.0), diagnostics={"x": 1.0})
+
+
+def test_explain_bad_rows_names_the_target_first_then_the_logits_and_is_silent_on_good_rows():
+    logits = torch.zeros(2, 3, 5)
+    target = torch.tensor([[0, 1, 2], [3, 4, -100]])
+    valid = target != -100
+    assert explain_bad_rows(logits, target, valid) is None  # nothing wrong: returns
+    both = logits.clone()
+    both[1, 1, 0] = float("nan")
+    bad_target = target.clone()
+    bad_target[0, 2] = 5
+    with pytest.raises(LossInputError, match=r"target: 1 value\(s\) outside \[0, V=5\).*\(b=0, t=2\)"):
+        explain_bad_rows(both, bad_target, valid)
+    with pytest.raises(LossInputError, match=r"logits: 1 non-finite values.*\(b=1, t=1\)"):
+        explain_bad_rows(both, target, valid)
+    # An ignored row may hold anything; -inf inside the smoothing support is refused only when it is given.
+    ignored = logits.clone()
+    ignored[1, 2] = float("nan")
+    assert explain_bad_rows(ignored, target, valid) is None
+    masked = logits.clone()
+    masked[0, 0, 4] = float("-inf")
+    assert explain_bad_rows(masked, target, valid) is None
+    support = torch.ones(5, dtype=torch.bool)
+    with pytest.raises(LossInputError, match="label-smoothing support"):
+        explain_bad_rows(masked, target, valid, smoothing_support=support)
