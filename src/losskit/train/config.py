@@ -53,10 +53,14 @@ __all__ = [
 def key(default: Any, help: str, *, choices: tuple = (), check: Callable[[Any], bool] | None = None,
         constraint: str = "") -> Any:
     """A config field: its default, help line and optional choices / range check (its kind is its annotation)."""
-    meta = {"help": help, "choices": choices, "check": check, "constraint": constraint}
+    return _field(default, {"help": help, "choices": choices, "check": check, "constraint": constraint})
+
+
+def _field(default: Any, metadata: dict) -> Any:
+    """The dataclass field of every key: a list or dict default is copied for each config (not shared)."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def own_default(group: type, name: str, default: Any, help: str | None = None) -> Any:
@@ -64,7 +68,7 @@ def own_default(group: type, name: str, default: Any, help: str | None = None) -
     what the key means in this task), kind and range, declared once there."""
     meta = dict(group.__dataclass_fields__[name].metadata)
     meta["help"] = help or meta["help"]
-    return dataclasses.field(default=default, metadata=meta)
+    return _field(default, meta)
 
 
 # Range presets for `key`: the predicate and the text its error message quotes, side by side.
@@ -161,9 +165,7 @@ def modifier_keys(*owners: str, **defaults: Any) -> type:
         default = defaults.pop(name, spec.default)
         meta = {"help": spec.help, "kind": spec.type, "choices": spec.choices, "constraint": spec.constraint,
                 "check": spec.check, "modifier": True}
-        f = (dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta) if isinstance(default, list)
-             else dataclasses.field(default=default, metadata=meta))
-        fields.append((name, Any, f))
+        fields.append((name, Any, _field(default, meta)))
     if defaults:
         raise TypeError(f"modifier_keys: {sorted(defaults)} are not keys of {owners}")
     fields.append(("modifiers", ModifierSettings | None,
