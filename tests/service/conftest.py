@@ -8,6 +8,8 @@ downloads: the built-in ``losskit/tiny-lm`` is generated into a temporary Huggin
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -29,6 +31,21 @@ SENTENCES = [
 #: Two models' different data for the concurrency checks (bytes; the SDK tests shift them).
 DATA_A = [list(b"model A learns about foxes."), list(b"and about lazy dogs")]
 DATA_B = [list(b"B trains on other text entirely!"), list(b"numbers 0123456789")]
+
+
+def served_url(proc: subprocess.Popen, timeout_s: float) -> tuple[str | None, list[str]]:
+    """The URL a ``losskit serve`` subprocess prints ("listening on URL"), read from its text ``stdout`` until
+    ``timeout_s`` passes or the process exits; also every line read. The URL is None when none was printed."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if "listening on " in line:
+            return line.split("listening on ", 1)[1].strip(), lines
+    return None, lines
 
 
 def check_parallel_equals_alone(train, datasets: dict[str, list], steps: int = 10) -> None:

@@ -17,7 +17,7 @@ from losskit.service.checkpoints import CheckpointPath, StateDir, parse_path
 from losskit.service.errors import ServiceError
 from losskit.service.server import BackgroundServer
 from losskit.service.settings import make_settings
-from tests.service.conftest import internal_id
+from tests.service.conftest import internal_id, served_url
 
 ROWS = [list(b"checkpoints must be atomic"), list(b"and bitwise restorable!")]
 FIXED = [list(b"a fixed evaluation batch")]
@@ -156,12 +156,7 @@ def test_killing_the_server_mid_save_leaves_no_partial_checkpoint(hf_home, tmp_p
     cmd = [sys.executable, "-m", "losskit", "serve", "--port", "0", "--state-dir", str(state), "--no-tinker-surface"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        url = None
-        deadline = time.monotonic() + 180
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if "listening on" in line:
-                url = line.split("listening on ")[1].strip()
+        url, _ = served_url(proc, 180)
         assert url, "the server did not print its URL"
         c = TinkerClient(url)
         model = c.create_model("k", rank=8, seed=0)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from losskit.cli import main
 from losskit.contract import ConfigError
 from losskit.service.settings import FLAGS, build_settings, make_parser, make_settings
+from tests.service.conftest import served_url
 
 
 def _env(tmp_path, fake_tinker: str | None = None):
@@ -64,17 +64,8 @@ def test_fresh_offline_start_materialises_the_tiny_model_and_serves(tmp_path):
     cmd = [sys.executable, "-m", "losskit", "serve", "--port", "0", "--tinker-version-check", "warn",
            "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
     try:
-        deadline = time.monotonic() + 180
-        url = None
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "listening on" in line:
-                url = line.split("listening on ")[1].strip()
+        url, lines = served_url(proc, 180)
         assert url, "".join(lines)
         banner = [proc.stdout.readline() for _ in range(6)]
         text = "".join(banner)

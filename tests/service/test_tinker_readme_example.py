@@ -6,9 +6,10 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.service.conftest import served_url
 
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -38,14 +39,7 @@ def test_the_readme_example_runs_against_losskit_serve(hf_home, tmp_path):
            "--cpu-threads", "1"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url, lines, deadline = None, [], time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                break
-            lines.append(line)
-            if "listening on " in line:
-                url = line.split("listening on ", 1)[1].strip()
+        url, lines = served_url(server, 120)
         assert url and url.startswith("http://127.0.0.1:"), "".join(lines)
         code = readme_example().replace(DEFAULT_URL, url)
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
